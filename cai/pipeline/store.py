@@ -1,0 +1,308 @@
+"""Crash-safe artifacts: JSONL shards + manifest.json.
+
+Records are appended to `data/part-NNNNN.jsonl.partial` with flush + fsync; a full shard
+is renamed atomically to `part-NNNNN.jsonl` and the manifest (written atomically) lists
+it with its sha256. A crash loses at most the record being written: on resume the torn
+last line of the partial shard is cut off and every earlier record survives. A
+manifest with `complete: false` describes an interrupted artifact; readers refuse it,
+and refuse any artifact whose data no longer matches its hashes or whose error-severity
+invariants failed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from cai.errors import ArtifactError, BadInputError
+
+MANIFEST = "manifest.json"
+SCHEMA = "cai.artifact/1"
+DATA_DIR = "data"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file of objects; a bad line is an error naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: file not found")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ArtifactError(f"{path}:{lineno}: invalid JSON ({err.msg}); the line may be truncated") from None
+            if not isinstance(obj, dict):
+                raise ArtifactError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            records.append(obj)
+    return records
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    from cai import __version__
+    from cai.pipeline.models import library_versions
+
+    return {"cai": __version__, "python": platform.python_version(), "platform": platform.platform(),
+            "libraries": library_versions(), "git_commit": git_commit()}
+
+
+def input_entry(artifact_dir: str | Path) -> dict[str, Any]:
+    """How a manifest names an input artifact: path, stage and the sha256 of its manifest
+    (which in turn holds the hashes of its data), so any later change is detectable."""
+    artifact = read_artifact(artifact_dir)
+    return {"path": str(Path(artifact_dir).resolve()), "stage": artifact.manifest["stage"],
+            "manifest_sha256": sha256_file(Path(artifact_dir) / MANIFEST)}
+
+
+class ArtifactWriter:
+    """Append records to a stage's artifact directory; `finalize` certifies it.
+
+    With `resume=True` an interrupted artifact is reopened: `done` holds the records that
+    survived, and appends continue after them.
+    """
+
+    def __init__(self, directory: str | Path, stage: str, *, config_hash: str, seed: int | None = None,
+                 inputs: Iterable[dict[str, Any]] = (), shard_size: int = 1000, resume: bool = False):
+        self.dir = Path(directory)
+        self.data_dir = self.dir / DATA_DIR
+        self.shard_size = shard_size
+        self.started = time.time()
+        manifest_path = self.dir / MANIFEST
+        if manifest_path.exists() and not resume:
+            raise ArtifactError(f"{self.dir}: artifact already exists (use --resume, or a new --out directory)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.manifest: dict[str, Any] = {
+            "schema": SCHEMA, "stage": stage, "complete": False, "certified": False,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "config_hash": config_hash, "seed": seed, "inputs": list(inputs),
+            "outputs": {"files": {}, "records": 0},
+        }
+        self.done: list[dict] = []
+        if manifest_path.exists():
+            self._reopen(json.loads(manifest_path.read_text()), config_hash)
+        self._shard_index = len(self.manifest["outputs"]["files"])
+        self._partial_count = 0
+        self._fh = None
+        self._recover_partial()
+        write_json_atomic(manifest_path, self.manifest)
+
+    # -- resume -----------------------------------------------------------------
+
+    def _reopen(self, old: dict[str, Any], config_hash: str) -> None:
+        if old.get("config_hash") != config_hash:
+            raise ArtifactError(f"{self.dir}: was written under another config (hash {old.get('config_hash', '?')[:12]}); "
+                                "resume needs the same config")
+        if old.get("complete"):
+            raise ArtifactError(f"{self.dir}: artifact is already complete")
+        self.manifest = old
+        for name, meta in old["outputs"]["files"].items():
+            path = self.dir / name
+            if not path.is_file() or sha256_file(path) != meta["sha256"]:
+                raise ArtifactError(f"{path}: finished shard missing or altered since it was written")
+            self.done.extend(read_jsonl(path))
+
+    def _partial_path(self) -> Path:
+        return self.data_dir / f"part-{self._shard_index:05d}.jsonl.partial"
+
+    def _recover_partial(self) -> None:
+        """Keep every complete line of an interrupted shard; cut a torn last line."""
+        path = self._partial_path()
+        if not path.exists():
+            return
+        good_bytes = 0
+        kept = []
+        with open(path, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break
+                try:
+                    kept.append(json.loads(raw))
+                except json.JSONDecodeError:
+                    break
+                good_bytes += len(raw)
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.extend(kept)
+        self._partial_count = len(kept)
+
+    # -- writing ----------------------------------------------------------------
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False, default=str)
+        if "\n" in line:
+            raise ValueError("record serialises with a newline")  # json.dumps never does; guard the format
+        if self._fh is None:
+            self._fh = open(self._partial_path(), "a", encoding="utf-8")
+        self._fh.write(line + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._partial_count += 1
+        self.done.append(record)
+        if self._partial_count >= self.shard_size:
+            self._seal_shard()
+
+    def extend(self, records: Iterable[dict[str, Any]]) -> None:
+        for r in records:
+            self.append(r)
+
+    def _seal_shard(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        partial = self._partial_path()
+        if not partial.exists() or self._partial_count == 0:
+            partial.unlink(missing_ok=True)
+            return
+        final = partial.with_name(partial.name[: -len(".partial")])
+        os.replace(partial, final)
+        _fsync_dir(self.data_dir)
+        rel = f"{DATA_DIR}/{final.name}"
+        self.manifest["outputs"]["files"][rel] = {"sha256": sha256_file(final), "records": self._partial_count,
+                                                  "bytes": final.stat().st_size}
+        self.manifest["outputs"]["records"] = sum(m["records"] for m in self.manifest["outputs"]["files"].values())
+        write_json_atomic(self.dir / MANIFEST, self.manifest)
+        self._shard_index += 1
+        self._partial_count = 0
+
+    def finalize(self, *, invariants: Iterable[Any] = (), model: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None, memory: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Seal the last shard and write the complete manifest. `certified` is true only
+        when no error-severity invariant failed."""
+        from cai.invariants.base import all_passed
+
+        self._seal_shard()
+        results = [r.to_json() if hasattr(r, "to_json") else dict(r) for r in invariants]
+        self.manifest.update({
+            "complete": True,
+            "certified": all_passed(results),
+            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "timings": {"wall_seconds": round(time.time() - self.started, 3)},
+            "memory": memory or {},
+            "model": model,
+            "environment": environment(),
+            "invariants": results,
+            "extra": extra or {},
+        })
+        write_json_atomic(self.dir / MANIFEST, self.manifest)
+        return self.manifest
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+@dataclass
+class Artifact:
+    dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def certified(self) -> bool:
+        return bool(self.manifest.get("certified"))
+
+    def files(self) -> list[Path]:
+        return [self.dir / name for name in self.manifest["outputs"]["files"]]
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        for path in self.files():
+            yield from read_jsonl(path)
+
+
+def verify_hashes(directory: Path, manifest: dict[str, Any]) -> list[str]:
+    """Problems with the artifact's data files: missing, altered, or unlisted."""
+    problems = []
+    listed = manifest.get("outputs", {}).get("files", {})
+    for name, meta in listed.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: listed in the manifest but missing")
+        elif sha256_file(path) != meta["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (data altered after it was written)")
+    data_dir = directory / DATA_DIR
+    if data_dir.is_dir():
+        for path in sorted(data_dir.glob("*.jsonl")):
+            if f"{DATA_DIR}/{path.name}" not in listed:
+                problems.append(f"{path}: data file not listed in the manifest")
+    return problems
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory}: no {MANIFEST} (not an artifact, or never started)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path}: invalid JSON ({err.msg})") from None
+    if manifest.get("schema") != SCHEMA:
+        raise ArtifactError(f"{path}: not a cai artifact manifest (schema {manifest.get('schema')!r})")
+    return manifest
+
+
+def read_artifact(directory: str | Path, *, require_certified: bool = True) -> Artifact:
+    """Open an artifact for use as a stage input: it must be complete, its hashes must
+    verify, and (by default) its error-severity invariants must have passed."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if not manifest.get("complete"):
+        raise ArtifactError(f"{directory}: artifact is incomplete (interrupted run; finish it with --resume)")
+    problems = verify_hashes(directory, manifest)
+    if problems:
+        raise ArtifactError(problems[0])
+    if require_certified and not manifest.get("certified"):
+        failed = [r["name"] for r in manifest.get("invariants", []) if r.get("status") == "fail"]
+        raise ArtifactError(f"{directory}: not certified (failed invariants: {', '.join(failed) or 'unknown'})")
+    return Artifact(directory, manifest)
