@@ -146,7 +146,7 @@ def load_config(path: str | Path) -> RunConfig:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
+        where = f" line {mark.line + 1}:" if mark else ""
         raise ConfigError(f"{path}:{where} invalid YAML: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")

@@ -309,15 +309,14 @@ def load_model(model_cfg: ModelConfig) -> LoadedModel:
 
     resolved = resolve_source(model_cfg)
     directory = Path(resolved.path)
+    files = [] if resolved.kind == TINY_RANDOM else weight_files(directory, model_cfg.allow_pickle)
     tok, tok_prov = load_tokenizer(directory, trust_remote_code=model_cfg.trust_remote_code)
     dtype = getattr(torch, model_cfg.dtype)
     started = time.perf_counter()
+    weights = {p.name: file_sha256(p) for p in files}
     if resolved.kind == TINY_RANDOM:
         model = build_tiny_model(tok)
-        weights = {}
     else:
-        files = weight_files(directory, model_cfg.allow_pickle)
-        weights = {p.name: file_sha256(p) for p in files}
         from transformers import AutoModelForCausalLM
 
         kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
