@@ -3,12 +3,17 @@
 Why this module exists: an audited predecessor had four evaluation scripts with four
 incomparable scoring methods, and one "improvement" that was really a length heuristic.
 Here every score comes from lm-eval's own IFEval checkers (`lm_eval.tasks.ifeval`), reused
-unchanged, so a cai number means what an IFEval number means. Two things make those
-checkers fit for a canonical metric, and both are fixed here rather than left to luck:
+unchanged, so a cai number means what an IFEval number means. Three things make those
+checkers fit for a canonical metric, and all are fixed here rather than left to luck:
 
 * Determinism: `langdetect` (used by the language and case checkers) is random unless
   `DetectorFactory.seed` is set; unseeded, the same text can score differently from run
   to run (a prompt or two on IFEval). We pin it before every item.
+* Some checkers replace a missing or invalid argument by a value drawn from Python's
+  global `random` (IFEval's own keys 1122 and 1129 ask for the "letters" "#" and "!",
+  which `keywords:letter_frequency` swaps for a random letter), so their verdict depended on
+  whatever ran before. We seed `random` per item (and restore the caller's state), and
+  list every such substitution in the report's notes.
 * Offline: the checkers count sentences with NLTK's Punkt, whose `punkt_tab` data is
   normally fetched at import by `nltk.download`. cai ships a minimal English model in
   `cai/data/nltk` and puts it first on `nltk.data.path` before the checkers are imported,
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import random
 import sys
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
@@ -36,10 +42,18 @@ from cai.errors import BadInputError
 # results by a prompt or two, so it is part of the metric's definition.
 LANGDETECT_SEED = 0
 
+# cai's shipped Stage-1 evaluation set (see cai/data/eval/README.md).
+STAGE1_EVAL_SET = Path(__file__).resolve().parent.parent / "data" / "eval" / "stage1_eval.jsonl"
+
 # The shipped Punkt data: cai/data/nltk/tokenizers/punkt_tab/english/<these files>,
 # exactly the files `nltk.tokenize.punkt.load_punkt_params` opens.
 NLTK_DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "nltk"
 PUNKT_FILES = ("abbrev_types.txt", "collocations.tab", "sent_starters.txt", "ortho_context.tab")
+
+# Seed for Python's `random` around each checker call. 0 because lm-eval's
+# `simple_evaluate(random_seed=0)` seeds `random` with 0 by default; what matters is that
+# it is fixed and reseeded per item, so a verdict does not depend on item order.
+CHECKER_RANDOM_SEED = 0
 
 REQUIRED_PROMPT_FIELDS = ("key", "prompt", "instruction_id_list", "kwargs")
 
@@ -118,29 +132,50 @@ def supported_instruction_ids() -> list[str]:
     return sorted(_ifeval()[1].INSTRUCTION_DICT)
 
 
-def validate_item(item: dict) -> None:
-    """Refuse an item whose checkers would not be fully specified.
+def _norm(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.strip().lower()
+    if isinstance(value, (list, tuple)):
+        return sorted({_norm(v) for v in value})
+    return value
 
-    lm-eval's checkers silently draw a *random* value for any argument that is missing or
-    falsy (it drops falsy kwargs), which would make scores non-reproducible; unknown ids or
-    arguments are errors too."""
+
+def validate_item(item: dict) -> list[str]:
+    """Refuse an item whose checkers are not fully specified; return the substitutions.
+
+    lm-eval's checkers silently draw a *random* value for an argument that is missing or
+    falsy (its kwargs filter drops falsy values) -- refused here, since nothing in the
+    data would say what was checked. Unknown ids or arguments are refused too. An argument
+    that is present but invalid for its checker (e.g. letter "!") is also replaced by a
+    random value; real IFEval data has one, so it is scored (with `random` seeded) and
+    returned as a note instead of refused."""
     _, registry = _ifeval()
     key = item.get("key")
+    notes = []
     for iid, kwargs in zip(item["instruction_id_list"], item["kwargs"]):
         cls = registry.INSTRUCTION_DICT.get(iid)
         if cls is None:
             raise BadInputError(f"item {key}: unknown instruction id {iid!r}")
         given = {k: v for k, v in (kwargs or {}).items() if v}
         checker = cls(iid)
+        state = random.getstate()
         try:
+            random.seed(CHECKER_RANDOM_SEED)
             checker.build_description(**given)
         except (TypeError, ValueError) as err:
             raise BadInputError(f"item {key}: bad kwargs for {iid}: {err}") from err
+        finally:
+            random.setstate(state)
         absent = [k for k in checker.get_instruction_args_keys() if k not in given]
         if absent:
             raise BadInputError(
                 f"item {key}: {iid} lacks {', '.join(absent)} (the checker would pick a random value)"
             )
+        used = checker.get_instruction_args() or {}
+        for k, v in given.items():
+            if k in used and _norm(used[k]) != _norm(v):
+                notes.append(f"item {key}: {iid} replaced invalid {k}={v!r} by {used[k]!r} (seeded)")
+    return notes
 
 
 # --------------------------------------------------------------------------- loading
@@ -288,8 +323,15 @@ def score_item(item: dict, response: str) -> dict:
         prompt=item["prompt"],
         kwargs=item["kwargs"],
     )
-    strict = utils.test_instruction_following_strict(inp, response)
-    loose = utils.test_instruction_following_loose(inp, response)
+    state = random.getstate()
+    try:
+        # Reseeded before each pass so strict and loose check the same arguments.
+        random.seed(CHECKER_RANDOM_SEED)
+        strict = utils.test_instruction_following_strict(inp, response)
+        random.seed(CHECKER_RANDOM_SEED)
+        loose = utils.test_instruction_following_loose(inp, response)
+    finally:
+        random.setstate(state)
     return {
         "key": item["key"],
         "instruction_id_list": list(item["instruction_id_list"]),
@@ -320,6 +362,7 @@ class ScoreReport:
     items: list[dict]
     notes: list[str] = dataclasses.field(default_factory=list)
     langdetect_seed: int = LANGDETECT_SEED
+    checker_random_seed: int = CHECKER_RANDOM_SEED
     scorer: str = "lm_eval.tasks.ifeval"
 
     def to_dict(self) -> dict:
@@ -339,7 +382,7 @@ def score(prompts: Sequence[dict], responses: Sequence[dict]) -> ScoreReport:
     level = over all instructions pooled."""
     pairs, notes = join_responses(prompts, responses)
     for item, _ in pairs:
-        validate_item(item)
+        notes.extend(validate_item(item))
     items = []
     for item, resp in pairs:
         result = score_item(item, resp["response"])
@@ -417,7 +460,10 @@ def _print_text(report: ScoreReport) -> None:
     console.print(per)
     for note in report.notes:
         console.print(f"note: {note}")
-    console.print(f"note: langdetect seed {report.langdetect_seed}; checkers from {report.scorer}")
+    console.print(
+        f"note: langdetect seed {report.langdetect_seed}, checker random seed "
+        f"{report.checker_random_seed}; checkers from {report.scorer}"
+    )
 
 
 def cli_main(args) -> int:
