@@ -61,6 +61,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cai.invariants.offline import enforce_offline
+
+    enforce_offline()  # cai never downloads: set before transformers / huggingface_hub are imported
     args = make_parser().parse_args(argv)
     module_name = HANDLERS[args.command]
     if importlib.util.find_spec(module_name) is None:

@@ -30,6 +30,10 @@ class ModelConfig(_Section):
     cache_dir: str | None = Field(None, description="safetensors cache for converted GGUF files (default ~/.cache/cai)")
 
 
+class GenerationConfig(_Section):
+    backend: Literal["hf", "vllm"] = Field("hf", description="'vllm' (optional extra, CUDA) for scale; raw prompts only")
+
+
 class InstructionsConfig(_Section):
     source: Literal["model", "templates"] = "model"
     n: int = Field(32, gt=0, description="instructions to keep")
@@ -112,6 +116,7 @@ class RunConfig(_Section):
     seed: int = 0
     format: str = Field("instruction_response", description="training prompt format (cai.pipeline.formats)")
     model: ModelConfig = ModelConfig()
+    generation: GenerationConfig = GenerationConfig()
     instructions: InstructionsConfig = InstructionsConfig()
     critic: CriticConfig = CriticConfig()
     responses: ResponsesConfig = ResponsesConfig()

@@ -1,0 +1,52 @@
+"""Invariants: small objects (name, severity, a docstring naming the failure they prevent,
+`check(subject) -> Result`) usable in the pipeline (gates), in pytest (the harness) and
+from the CLI (`cai check`).
+
+Groups the runner calls (evaluate them with `evaluate(group, subject)`, store the results
+in the manifest via `ArtifactWriter.finalize(invariants=...)`, then `raise_on_failures`):
+
+- `tokenizer_invariants()` on a tokenizer / `TokenizerSubject` (or `check_tokenizer(tok, prov)`)
+- `encoding_invariants()` on `prompt_tokenizer_subject(records, tok)` (a run's prompts)
+- `data_invariants(kind, eval_sets=, critic_enabled=, train_format=)` on a `RecordSet`
+- `eval_response_invariants(train_format)` on evaluation outputs (suite, model, key, prompt)
+- `PromptsIdenticalAcrossModels()` on {model: prompts} or evaluation records
+- `memory_invariants()` on None (this process), `PeakMemoryRecorded()` (warning) on a slot or
+  manifest; `memory_snapshot(events_since)` is what a stage passes to finalize(memory=...)
+- `provenance_invariants(config_hash)` on an artifact directory
+- `offline_invariants(model_cfg)` on None, before the first stage
+- `SentinelBehaviour()` (warning) on a `ModelSlot` / `LoadedModel`
+"""
+
+from cai.invariants.base import (Invariant, Result, Severity, Status, all_passed, evaluate,
+                                 raise_on_failures)
+from cai.invariants.data import (CriticMarginsPresent, DuplicateRate, NonEmptyCompletions,
+                                 NoTrainEvalOverlap, NoTruncatedCompletions, RecordSchema, RecordSet,
+                                 data_invariants, detect_kind, encoding_invariants, eval_response_invariants,
+                                 load_records, prompt_tokenizer_subject)
+from cai.invariants.leakage import (ChatTemplateDisabled, ChatTemplateRefuses, ChatTemplateShipped,
+                                    ModelSubject, NoChatMarkers, NoSpecialTokenIds, RoundTrip,
+                                    SentinelBehaviour, TokenizerSubject, check_tokenizer,
+                                    find_chat_markers, tokenizer_invariants)
+from cai.invariants.memory import (AtMostOneBaseModel, LoadsSequenced, ModelsReleased, PeakMemoryRecorded,
+                                   memory_invariants, memory_snapshot)
+from cai.invariants.offline import (HubOffline, ModelSourceLocal, PunktAvailable, enforce_offline,
+                                    offline_invariants)
+from cai.invariants.parity import FormatMatchesTraining, PromptFormatParity, PromptsIdenticalAcrossModels
+from cai.invariants.provenance import (ArtifactSubject, ConfigHashMatches, HashesVerify, InputsCertified,
+                                       ManifestComplete, RecordedInvariantsPassed, provenance_invariants)
+
+__all__ = [
+    "Invariant", "Result", "Severity", "Status", "all_passed", "evaluate", "raise_on_failures",
+    "RecordSet", "RecordSchema", "NonEmptyCompletions", "NoTruncatedCompletions", "DuplicateRate",
+    "NoTrainEvalOverlap", "CriticMarginsPresent", "data_invariants", "detect_kind", "load_records",
+    "encoding_invariants", "eval_response_invariants", "prompt_tokenizer_subject",
+    "ChatTemplateShipped", "ChatTemplateDisabled", "ChatTemplateRefuses", "NoSpecialTokenIds", "RoundTrip",
+    "NoChatMarkers", "SentinelBehaviour", "TokenizerSubject", "ModelSubject", "check_tokenizer",
+    "find_chat_markers", "tokenizer_invariants",
+    "AtMostOneBaseModel", "ModelsReleased", "PeakMemoryRecorded", "LoadsSequenced", "memory_invariants",
+    "memory_snapshot",
+    "HubOffline", "ModelSourceLocal", "PunktAvailable", "enforce_offline", "offline_invariants",
+    "PromptFormatParity", "FormatMatchesTraining", "PromptsIdenticalAcrossModels",
+    "ArtifactSubject", "ManifestComplete", "HashesVerify", "InputsCertified", "ConfigHashMatches",
+    "RecordedInvariantsPassed", "provenance_invariants",
+]

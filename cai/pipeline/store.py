@@ -216,12 +216,18 @@ class ArtifactWriter:
         self._partial_count = 0
 
     def finalize(self, *, invariants: Iterable[Any] = (), model: dict[str, Any] | None = None,
-                 extra: dict[str, Any] | None = None, memory: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Seal the last shard and write the complete manifest. `certified` is true only
-        when no error-severity invariant failed."""
+                 extra: dict[str, Any] | None = None, memory: dict[str, Any] | None = None,
+                 files: Iterable[Path] = ()) -> dict[str, Any]:
+        """Seal the last shard and write the complete manifest. `files` are further outputs
+        inside the artifact directory (adapter weights, plots) whose hashes it records.
+        `certified` is true only when no error-severity invariant failed."""
         from cai.invariants.base import all_passed
 
         self._seal_shard()
+        for path in sorted(Path(f) for f in files):
+            rel = path.resolve().relative_to(self.dir.resolve()).as_posix()
+            self.manifest["outputs"]["files"][rel] = {"sha256": sha256_file(path), "records": 0,
+                                                      "bytes": path.stat().st_size, "kind": "file"}
         results = [r.to_json() if hasattr(r, "to_json") else dict(r) for r in invariants]
         self.manifest.update({
             "complete": True,
@@ -253,7 +259,7 @@ class Artifact:
         return bool(self.manifest.get("certified"))
 
     def files(self) -> list[Path]:
-        return [self.dir / name for name in self.manifest["outputs"]["files"]]
+        return [self.dir / name for name, meta in self.manifest["outputs"]["files"].items() if meta.get("kind") != "file"]
 
     def records(self) -> Iterator[dict[str, Any]]:
         for path in self.files():

@@ -1,0 +1,309 @@
+"""`cai check PATH... [--format text|json]`: invariants on
+
+- a model: a checkpoint directory (must hold weights), a `.gguf` file, `embedded`,
+  `tiny-random` or a locally cached hub id. Only the tokenizer is loaded (the cai way) and
+  the model-level leakage sentinels are reported. Exit 0 = safe as a base model under cai.
+- a data file (`.jsonl` of SFT, preference or evaluation records; kind from the fields):
+  schema, chat markers, format parity, empty / truncated completions, duplicates.
+- an artifact directory (holds manifest.json): provenance and hash integrity, recorded
+  invariants, peak memory, and the data invariants of its records.
+- a run directory (artifact directories below it): all of them, plus run-level checks
+  (config hashes agree / match the run's config, model loads never overlap).
+
+Output: text, or JSON — one object `{"subject", "kind", "results": [{"name", "status",
+"severity", "evidence"}]}` for one PATH, a list of such objects for several. In run
+reports each result name is prefixed with the artifact's path relative to the run
+("sft/hashes_verify"). Exit codes: 0 every error-severity invariant passed (warnings
+allowed), 1 one failed, 2 bad input (missing path, no weights, unreadable file).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from cai.errors import ArtifactError, BadInputError, ConfigError
+from cai.invariants.base import Invariant, Result, Status, all_passed, evaluate
+
+MODEL_ALIASES = ("embedded", "tiny-random")
+REPORT_KEYS = ("name", "status", "severity", "evidence")
+SKIP_DIRS = {"reports", ".git", "__pycache__", "checkpoints"}
+
+
+@dataclass
+class Report:
+    """Invariant results about one subject (a model, data file, artifact or run)."""
+
+    subject: str
+    kind: str  # "model" | "data" | "artifact" | "run"
+    results: list[Result] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)  # not part of the JSON contract
+
+    @property
+    def ok(self) -> bool:
+        return all_passed(self.results)
+
+    @property
+    def failed(self) -> list[Result]:
+        return [r for r in self.results if r.status == Status.FAIL]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"subject": self.subject, "kind": self.kind,
+                "results": [{k: r.to_json()[k] for k in REPORT_KEYS} for r in self.results]}
+
+
+# --------------------------------------------------------------------------- model
+
+
+def check_model(source: str | Path, *, allow_pickle: bool = False) -> Report:
+    """Model-level leakage sentinels for a checkpoint (tokenizer loaded, weights not)."""
+    from cai.config import ModelConfig
+    from cai.invariants.leakage import check_tokenizer
+    from cai.pipeline.models import TINY_RANDOM, load_tokenizer, resolve_source, weight_files
+
+    resolved = resolve_source(ModelConfig(source=str(source), allow_pickle=allow_pickle))
+    if resolved.kind != TINY_RANDOM:
+        weight_files(Path(resolved.path), allow_pickle)  # no weights -> ModelLoadError (exit 2)
+    tok, prov = load_tokenizer(resolved.path)
+    results = check_tokenizer(tok, prov, source_dir=resolved.path)
+    return Report(str(source), "model", results, {"resolved": resolved.path, "tokenizer": prov})
+
+
+# --------------------------------------------------------------------------- data
+
+
+def check_data(path: str | Path, *, train_format: str | None = None, eval_sets=None,
+               critic_enabled: bool | None = None) -> Report:
+    from cai.invariants.data import data_invariants, load_records
+
+    rs = load_records(path)
+    invs = data_invariants(rs.kind, train_format=train_format, eval_sets=eval_sets, critic_enabled=critic_enabled)
+    return Report(str(path), "data", evaluate(invs, rs), {"record_kind": rs.kind, "records": len(rs)})
+
+
+# --------------------------------------------------------------------------- artifacts and runs
+
+
+def find_artifacts(run_dir: Path, max_depth: int = 3) -> list[Path]:
+    """Artifact directories (holding manifest.json) below a run directory, sorted."""
+    from cai.pipeline.store import MANIFEST
+
+    run_dir = Path(run_dir)
+    found = []
+
+    def walk(d: Path, depth: int) -> None:
+        for child in sorted(d.iterdir()):
+            if not child.is_dir() or child.is_symlink() or child.name in SKIP_DIRS:
+                continue
+            if (child / MANIFEST).is_file():
+                found.append(child)
+            elif depth > 1:
+                walk(child, depth - 1)
+
+    walk(run_dir, max_depth)
+    return found
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    """What a run directory says about itself: run.json (if any), its config and config
+    hash (from run.json "config_hash" / "config", or config.yaml / config.yml)."""
+    from cai.config import RunConfig, load_config
+
+    run_dir = Path(run_dir)
+    info: dict[str, Any] = {"run_json": None, "config": None, "config_hash": None}
+    rj = run_dir / "run.json"
+    if rj.is_file():
+        try:
+            info["run_json"] = json.loads(rj.read_text())
+        except json.JSONDecodeError as err:
+            raise BadInputError(f"{rj}: invalid JSON ({err.msg})") from None
+        data = info["run_json"] if isinstance(info["run_json"], dict) else {}
+        if isinstance(data.get("config"), dict):
+            try:
+                info["config"] = RunConfig.model_validate(data["config"])
+            except Exception as err:  # noqa: BLE001 - pydantic ValidationError
+                raise ConfigError(f"{rj}: config: {str(err).splitlines()[0]}") from None
+        info["config_hash"] = data.get("config_hash")
+    if info["config"] is None:
+        for name in ("config.yaml", "config.yml"):
+            if (run_dir / name).is_file():
+                info["config"] = load_config(run_dir / name)
+                break
+    if info["config_hash"] is None and info["config"] is not None:
+        info["config_hash"] = info["config"].hash()
+    return info
+
+
+def _records_of(artifact_dir: Path, manifest: dict[str, Any]):
+    """The artifact's records as a RecordSet when their kind is recognisable, else None."""
+    from cai.invariants.data import RecordSet, detect_kind
+    from cai.pipeline.store import read_jsonl
+
+    records = []
+    try:
+        for name in manifest.get("outputs", {}).get("files", {}):
+            records.extend(read_jsonl(artifact_dir / name))
+    except BadInputError:
+        return None  # missing / unreadable file: hashes_verify reports it
+    kind = detect_kind(records)
+    return RecordSet(kind, records, artifact_dir) if kind else None
+
+
+def artifact_results(artifact_dir: str | Path, *, config_hash: str | None = None, config=None) -> list[Result]:
+    """Provenance + recorded invariants + peak memory + (recognisable records) data invariants."""
+    from cai.invariants.data import data_invariants, eval_response_invariants, is_eval_responses
+    from cai.invariants.memory import PeakMemoryRecorded
+    from cai.invariants.provenance import ArtifactSubject, provenance_invariants
+
+    subject = ArtifactSubject(Path(artifact_dir), config_hash)
+    results = evaluate(provenance_invariants(config_hash), subject)
+    manifest = subject.manifest
+    if manifest is None:
+        return results
+    results.append(PeakMemoryRecorded().check(manifest))
+    rs = _records_of(subject.dir, manifest)
+    if rs is not None and is_eval_responses(rs.records):
+        fmt = (config.eval.format or config.format) if config is not None else None
+        results += evaluate(eval_response_invariants(fmt), rs)
+    elif rs is not None:
+        kw: dict[str, Any] = {}
+        if config is not None:
+            kw = {"train_format": config.format, "critic_enabled": config.critic.enabled}
+        results += evaluate(data_invariants(rs.kind, **kw), rs)
+    return results
+
+
+def check_artifact(artifact_dir: str | Path) -> Report:
+    artifact_dir = Path(artifact_dir)
+    info = run_info(artifact_dir.parent)
+    results = artifact_results(artifact_dir, config_hash=info["config_hash"], config=info["config"])
+    return Report(str(artifact_dir), "artifact", results)
+
+
+class ConfigHashesAgree(Invariant):
+    """Prevents a run stitched together from artifacts of different configs (an edited
+    config between a crash and --resume): every artifact of a run has the same config hash."""
+
+    name = "config_hashes_agree"
+
+    def _check(self, manifests):
+        hashes = Counter(str(m.get("config_hash")) for m in manifests.values())
+        if len(hashes) <= 1:
+            return True, f"{len(manifests)} artifact(s) share config_hash {next(iter(hashes), '-')[:12]}"
+        common = hashes.most_common(1)[0][0]
+        odd = [f"{name} ({str(m.get('config_hash'))[:12]})" for name, m in manifests.items()
+               if str(m.get("config_hash")) != common]
+        return False, f"artifacts were produced under {len(hashes)} configs; differing from {common[:12]}: {', '.join(odd)}"
+
+
+def check_run(run_dir: str | Path) -> Report:
+    """Every artifact below `run_dir`, plus run-level checks."""
+    from cai.invariants.memory import LoadsSequenced
+    from cai.pipeline.store import read_manifest
+
+    run_dir = Path(run_dir)
+    artifacts = find_artifacts(run_dir)
+    if not artifacts:
+        raise BadInputError(f"{run_dir}: no artifacts (no manifest.json below it)")
+    info = run_info(run_dir)
+    results: list[Result] = []
+    manifests: dict[str, dict] = {}
+    for a in artifacts:
+        rel = a.relative_to(run_dir).as_posix()
+        for r in artifact_results(a, config_hash=info["config_hash"], config=info["config"]):
+            results.append(Result(f"{rel}/{r.name}", r.status, r.severity, r.evidence, r.details))
+        try:
+            manifests[rel] = read_manifest(a)
+        except ArtifactError:
+            pass
+    for inv in (ConfigHashesAgree(),):
+        r = inv.check(manifests)
+        results.append(r)
+    r = LoadsSequenced().check(list(manifests.values()))
+    results.append(r)
+    return Report(str(run_dir), "run", results, {"artifacts": [a.relative_to(run_dir).as_posix() for a in artifacts],
+                                                 "config_hash": info["config_hash"]})
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def classify(path: str) -> str:
+    """'model' | 'data' | 'artifact' | 'run' for a `cai check` argument (BadInputError if
+    it names nothing)."""
+    from cai.pipeline.store import MANIFEST
+
+    if path in MODEL_ALIASES:
+        return "model"
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix == ".jsonl":
+            return "data"
+        if p.suffix == ".gguf":
+            return "model"
+        raise BadInputError(f"{p}: cannot check this file (expected a .jsonl data file or a .gguf model)")
+    if p.is_dir():
+        if (p / MANIFEST).is_file():
+            return "artifact"
+        if find_artifacts(p):
+            return "run"
+        return "model"
+    if p.suffix in (".jsonl", ".gguf", ".json") or path.startswith((".", "/", "~")) or p.exists():
+        raise BadInputError(f"{p}: path not found")
+    return "model"  # a hub id: resolves only from the local cache
+
+
+def check_path(path: str | Path) -> Report:
+    path = str(path)
+    kind = classify(path)
+    if kind == "model":
+        return check_model(path)
+    if kind == "data":
+        return check_data(path)
+    if kind == "artifact":
+        return check_artifact(path)
+    return check_run(path)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _oneline(text: str, n: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def format_text(reports: Iterable[Report]) -> str:
+    lines = []
+    for rep in reports:
+        lines.append(f"{rep.subject} ({rep.kind})")
+        width = max((len(r.name) for r in rep.results), default=10)
+        for r in rep.results:
+            lines.append(f"  {r.status.value.upper():4}  {r.name:<{width}}  {_oneline(r.evidence, 160)}")
+        failed = rep.failed
+        warns = sum(r.status == Status.WARN for r in rep.results)
+        if failed:
+            verdict = f"FAIL: {len(failed)} invariant(s) failed: {', '.join(r.name for r in failed)}"
+        elif rep.kind == "model":
+            verdict = "OK: safe as a base model under cai"
+        else:
+            verdict = "OK: all invariants passed"
+        if warns:
+            verdict += f" ({warns} warning(s))"
+        lines.append(f"  => {verdict}")
+    return "\n".join(lines)
+
+
+def cli_main(args) -> int:
+    reports = [check_path(p) for p in args.paths]
+    if getattr(args, "format", "text") == "json":
+        payload = reports[0].to_json() if len(reports) == 1 else [r.to_json() for r in reports]
+        json.dump(payload, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_text(reports))
+    return 0 if all(r.ok for r in reports) else 1

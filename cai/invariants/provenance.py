@@ -1,0 +1,169 @@
+"""Provenance of artifacts: a run counts only when every artifact is complete, unaltered,
+built from certified inputs that are themselves unaltered, under the run's config.
+
+Subject: an artifact directory (str / Path) or `ArtifactSubject(dir, config_hash=...)`
+where `config_hash` is the run's (RunConfig.hash()).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cai.errors import ArtifactError
+from cai.invariants.base import Invariant, all_passed
+
+REQUIRED_KEYS = ("stage", "complete", "certified", "config_hash", "inputs", "outputs", "environment", "invariants")
+
+
+@dataclass
+class ArtifactSubject:
+    dir: Path
+    config_hash: str | None = None  # the run's config hash, when known
+    _manifest: dict[str, Any] | None = field(default=None, repr=False)
+    _error: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.dir = Path(self.dir)
+
+    @property
+    def manifest(self) -> dict[str, Any] | None:
+        """The manifest, or None when it cannot be read (`error` says why)."""
+        if self._manifest is None and self._error is None:
+            from cai.pipeline.store import read_manifest
+
+            try:
+                self._manifest = read_manifest(self.dir)
+            except ArtifactError as err:
+                self._error = str(err)
+        return self._manifest
+
+    @property
+    def error(self) -> str | None:
+        _ = self.manifest
+        return self._error
+
+
+def as_artifact(subject) -> ArtifactSubject:
+    return subject if isinstance(subject, ArtifactSubject) else ArtifactSubject(Path(subject))
+
+
+class ManifestComplete(Invariant):
+    """Prevents using an interrupted or hand-made artifact: the manifest must be readable,
+    `complete`, carry every provenance key, and its `certified` flag must agree with its
+    recorded invariant results."""
+
+    name = "manifest_complete"
+
+    def _check(self, subject):
+        a = as_artifact(subject)
+        m = a.manifest
+        if m is None:
+            return False, a.error
+        if not m.get("complete"):
+            return False, f"{a.dir}: artifact is incomplete (interrupted; finish it with --resume)"
+        missing = [k for k in REQUIRED_KEYS if k not in m]
+        if missing:
+            return False, f"{a.dir}: manifest lacks {', '.join(missing)}"
+        if bool(m["certified"]) != all_passed(m["invariants"]):
+            return False, (f"{a.dir}: certified={m['certified']} but its recorded invariants "
+                           f"{'passed' if all_passed(m['invariants']) else 'include failures'}")
+        return True, f"stage {m['stage']!r} complete, {m['outputs'].get('records', 0)} record(s)"
+
+
+class HashesVerify(Invariant):
+    """Prevents results built on altered data: every data file listed in the manifest
+    exists and has its recorded sha256, and no unlisted data file sits beside them."""
+
+    name = "hashes_verify"
+
+    def _check(self, subject):
+        from cai.pipeline.store import verify_hashes
+
+        a = as_artifact(subject)
+        if a.manifest is None:
+            return False, a.error
+        problems = verify_hashes(a.dir, a.manifest)
+        n = len(a.manifest.get("outputs", {}).get("files", {}))
+        if not problems:
+            return True, f"{n} data file(s) match their sha256"
+        return False, problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""), {"problems": problems}
+
+
+class InputsCertified(Invariant):
+    """Prevents a stage silently consuming a bad input: each input artifact must exist, be
+    complete and certified, verify its own hashes, and its manifest must still have the
+    sha256 recorded when this artifact was built (no later change or re-run)."""
+
+    name = "inputs_certified"
+
+    def _check(self, subject):
+        from cai.pipeline.store import MANIFEST, read_artifact, sha256_file
+
+        a = as_artifact(subject)
+        if a.manifest is None:
+            return False, a.error
+        inputs = a.manifest.get("inputs", [])
+        problems = []
+        for entry in inputs:
+            path = Path(entry.get("path", ""))
+            try:
+                read_artifact(path)
+            except ArtifactError as err:
+                problems.append(f"input {entry.get('stage', '?')}: {str(err).splitlines()[0]}")
+                continue
+            actual = sha256_file(path / MANIFEST)
+            if actual != entry.get("manifest_sha256"):
+                problems.append(f"input {entry.get('stage', '?')} ({path}): manifest sha256 {actual[:12]} != recorded "
+                                f"{str(entry.get('manifest_sha256'))[:12]} (changed after this artifact was built)")
+        if not problems:
+            return True, f"{len(inputs)} input(s) certified and unchanged" if inputs else "no inputs"
+        return False, problems[0] + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""), {"problems": problems}
+
+
+class ConfigHashMatches(Invariant):
+    """Prevents mixing artifacts produced under different configs (a resumed run whose
+    config was edited): the manifest's config_hash must equal the run's config hash."""
+
+    name = "config_hash_matches"
+
+    def __init__(self, config_hash: str | None = None):
+        self.config_hash = config_hash
+
+    def _check(self, subject):
+        a = as_artifact(subject)
+        if a.manifest is None:
+            return False, a.error
+        expected = self.config_hash or a.config_hash
+        got = a.manifest.get("config_hash")
+        if expected is None:
+            return True, f"no run config to compare with (manifest config_hash {str(got)[:12]})"
+        if got == expected:
+            return True, f"config_hash {expected[:12]} matches the run's config"
+        return False, f"config_hash {str(got)[:12]} != the run's config {expected[:12]} (produced under another config)"
+
+
+class RecordedInvariantsPassed(Invariant):
+    """Prevents counting an artifact whose own stage found a problem: no error-severity
+    invariant recorded in its manifest failed."""
+
+    name = "recorded_invariants_passed"
+
+    def _check(self, subject):
+        a = as_artifact(subject)
+        if a.manifest is None:
+            return False, a.error
+        recorded = a.manifest.get("invariants", [])
+        failed = [r for r in recorded if r.get("status") == "fail"]
+        warned = [r for r in recorded if r.get("status") == "warn"]
+        if not failed:
+            return True, f"{len(recorded)} recorded invariant(s), none failed" + (f" ({len(warned)} warning(s))" if warned else "")
+        first = failed[0]
+        return False, (f"{len(failed)} recorded invariant(s) failed: {', '.join(r.get('name', '?') for r in failed)}; "
+                       f"{first.get('name')}: {str(first.get('evidence', ''))[:120]}")
+
+
+def provenance_invariants(config_hash: str | None = None) -> list[Invariant]:
+    return [ManifestComplete(), HashesVerify(), InputsCertified(), ConfigHashMatches(config_hash),
+            RecordedInvariantsPassed()]
