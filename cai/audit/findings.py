@@ -1,0 +1,184 @@
+"""Findings and the rule catalogue of `cai audit`.
+
+Every rule belongs to one of seven categories (the names are part of the CLI contract):
+`chat-template`, `special-tokens`, `memory-sequencing`, `format-parity`,
+`unused-implementation`, `remote-code`, `config-drift`; plus the `audit` category for
+files the audit could not read.
+
+Severities. `error` marks a defect that silently voids a result or a run; `warning`
+marks something that is often a defect but has legitimate uses, so a person must look:
+
+- chat-template (error): a base model evaluated through a chat template is not a base model;
+  every base-vs-trained comparison built on it is void, and nothing crashes to say so.
+- special-tokens (warning): a default `add_special_tokens=True` prepends BOS (Llama, Gemma,
+  Mistral) to a prompt the format did not declare, shifting train and eval inputs; for
+  tokenizers with no BOS (Qwen) it is a no-op, hence a warning, not an error.
+- memory-sequencing (error): two large models resident at once is an out-of-memory at the
+  scale this toolkit targets (32B), usually hours into a run.
+- format-parity (error): evaluating on prompts in another format than training measures the
+  distribution shift, not the training.
+- unused-implementation (warning): a module nobody imports is dead code or an un-wired stage;
+  only a person can tell which (it may be public API).
+- remote-code (error): `trust_remote_code=True` executes code shipped with a checkpoint.
+- config-drift (warning): two scripts choosing different LoRA ranks or quantization may be
+  deliberate (an ablation); the finding asks for one shared, named source.
+- audit/parse-error (warning): the file was skipped; the rest of the audit is still valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+CATEGORIES = (
+    "chat-template",
+    "special-tokens",
+    "memory-sequencing",
+    "format-parity",
+    "unused-implementation",
+    "remote-code",
+    "config-drift",
+    "audit",
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    category: str
+    severity: str  # "error" | "warning"
+    summary: str
+    help: str
+
+
+RULES: dict[str, Rule] = {
+    r.id: r
+    for r in [
+        Rule(
+            "chat-template-not-disabled",
+            "chat-template",
+            "error",
+            "Tokenizer used without disabling its chat template",
+            "Set `tokenizer.chat_template = None` right after loading (or pass `chat_template=None` "
+            "to from_pretrained, or load through one project loader that does), so no code path can "
+            "render the checkpoint's chat template around a base model's prompts.",
+        ),
+        Rule(
+            "apply-chat-template",
+            "chat-template",
+            "error",
+            "apply_chat_template used in a base-model pipeline",
+            "Render prompts with the project's own prompt format (one function shared by training and "
+            "evaluation) and encode them with add_special_tokens=False; a base model has no chat template.",
+        ),
+        Rule(
+            "chat-messages-input",
+            "chat-template",
+            "error",
+            "Chat messages passed to a generation API that applies the chat template",
+            "Pass the rendered prompt string, not a list of {role, content} messages: text-generation "
+            "pipelines and vLLM's LLM.chat apply the tokenizer's chat template to messages.",
+        ),
+        Rule(
+            "special-tokens-default",
+            "special-tokens",
+            "warning",
+            "Text encoded without add_special_tokens=False",
+            "Pass add_special_tokens=False (or encode through one helper that does), and add only the "
+            "special tokens the prompt format declares, e.g. EOS ending a training completion.",
+        ),
+        Rule(
+            "model-load-while-resident",
+            "memory-sequencing",
+            "error",
+            "Model loaded while another is still referenced",
+            "Release the earlier model first (`del model; gc.collect(); torch.cuda.empty_cache()`), or keep "
+            "one base model and switch LoRA adapters in place (PeftModel / set_adapter / disable_adapter).",
+        ),
+        Rule(
+            "models-accumulated",
+            "memory-sequencing",
+            "error",
+            "Models collected in a container, one load per item",
+            "Load, use and release one model per iteration (`del model; gc.collect()`); keep results, "
+            "not models, in the container.",
+        ),
+        Rule(
+            "eval-format-mismatch",
+            "format-parity",
+            "error",
+            "Generation prompt in a different format from the training data",
+            "Render evaluation prompts with the same function that renders training prompts (one "
+            "prompt-format module imported by both sides).",
+        ),
+        Rule(
+            "unused-module",
+            "unused-implementation",
+            "warning",
+            "Module implements functions or classes that nothing imports",
+            "Wire the module into the pipeline (import and call it where the data is produced) or delete "
+            "it; do not let docs describe a stage the code never runs.",
+        ),
+        Rule(
+            "trust-remote-code",
+            "remote-code",
+            "error",
+            "trust_remote_code=True executes code shipped with the checkpoint",
+            "Drop trust_remote_code=True and use an architecture transformers implements natively; if "
+            "unavoidable, pin the revision (commit hash) and review the code it runs.",
+        ),
+        Rule(
+            "quantization-drift",
+            "config-drift",
+            "warning",
+            "Quantization chosen differently across scripts",
+            "Choose the quantization once (run config or a shared constants module) and read it everywhere.",
+        ),
+        Rule(
+            "lora-rank-drift",
+            "config-drift",
+            "warning",
+            "LoRA rank chosen differently across scripts",
+            "Choose the LoRA rank once (run config or a shared constants module) and read it everywhere.",
+        ),
+        Rule(
+            "dpo-beta-drift",
+            "config-drift",
+            "warning",
+            "DPO beta chosen differently across scripts",
+            "Choose DPO beta once (run config or a shared constants module) and read it everywhere.",
+        ),
+        Rule(
+            "parse-error",
+            "audit",
+            "warning",
+            "File could not be parsed; it was not audited",
+            "Fix the syntax error (or exclude the file) so the audit can cover it.",
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str
+    path: str  # relative to the audited root, POSIX separators
+    line: int
+    message: str
+    column: int = 1
+    category: str = field(default="")
+    severity: str = field(default="")
+
+    def __post_init__(self) -> None:
+        rule = RULES[self.rule]
+        if not self.category:
+            object.__setattr__(self, "category", rule.category)
+        if not self.severity:
+            object.__setattr__(self, "severity", rule.severity)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: d[k] for k in ("rule", "category", "severity", "path", "line", "column", "message")}
+
+    @property
+    def sort_key(self) -> tuple:
+        return (self.path, self.line, self.column, self.rule)
