@@ -222,21 +222,11 @@ def _shingles(ws: list[str]) -> frozenset:
 
 
 def rouge_l(a: Sequence[str], b: Sequence[str]) -> float:
-    """ROUGE-L F1 of two word sequences (longest common subsequence), the similarity the
-    instruction stage's own near-duplicate filter uses (`instructions.dedup_threshold`)."""
-    if not a or not b:
-        return 0.0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    lcs = prev[-1]
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(a), lcs / len(b)
-    return 2 * p * r / (p + r)
+    """ROUGE-L F1 of two word sequences: the instruction stage's own near-duplicate measure
+    (`instructions.dedup_threshold`), imported so data and stage agree by construction."""
+    from cai.pipeline.instructions import rouge_l as stage_rouge_l
+
+    return stage_rouge_l(list(a), list(b))
 
 
 def near_duplicate_pairs(texts: Sequence[str], threshold: float = 0.7) -> list[tuple[int, int, float]]:
