@@ -93,6 +93,7 @@ class FirstBatch:
 @dataclass
 class _Row:
     problems: list[str] = field(default_factory=list)
+    candidates: list[tuple[Example, str, str]] = field(default_factory=list)  # (example, role, text) matching the row
     example: Example | None = None
     role: str | None = None
     truncated: bool = False
@@ -119,23 +120,34 @@ class FirstBatchSentinel(Invariant):
         roles = ("completion",) if fb.kind == "sft" else ("chosen", "rejected")
         eos_id = tok.convert_tokens_to_ids(fb.eos_token)
         controls = control_ids(tok)
-        index: dict[tuple[int, ...], tuple[Example, str, str]] = {}
+        if not fb.input_ids:
+            return False, "the first batch is empty", None
+        # token ids of every canonical text -> the (record, role) pairs that produce it: best-of-N
+        # pairs share their chosen text, and a text can be chosen in one pair, rejected in another
+        index: dict[tuple[int, ...], list[tuple[Example, str, str]]] = {}
         prompt_ids: dict[int, list[int]] = {}
         for ex in fb.examples:
             prompt_ids[id(ex)] = _encode(tok, ex.prompt)
             for role in roles:
                 text = ex.prompt + ex.completions[role] + fb.eos_token
-                index.setdefault(tuple(_encode(tok, text)), (ex, role, text))
+                index.setdefault(tuple(_encode(tok, text)), []).append((ex, role, text))
 
         rows = [self._row(fb, i, index, prompt_ids, controls, eos_id) for i in range(len(fb.input_ids))]
         if fb.kind == "dpo":
             half = len(rows) // 2
             for i in range(half):
                 c, r = rows[i], rows[half + i]
-                if c.example is not None and r.example is not None and (
-                        c.example is not r.example or c.role != "chosen" or r.role != "rejected"):
-                    r.problems.append(f"row {half + i} should be the rejected completion of row {i}'s record "
-                                      f"{c.example.id!r} ({c.role}); it is the {r.role} of {r.example.id!r}")
+                if not (c.candidates and r.candidates):
+                    continue  # already reported as non-canonical
+                chosen = {id(ex): ex for ex, role, _ in c.candidates if role == "chosen"}
+                common = [ex for ex, role, _ in r.candidates if role == "rejected" and id(ex) in chosen]
+                if common:
+                    c.example = r.example = common[0]
+                    c.role, r.role = "chosen", "rejected"
+                else:
+                    r.problems.append(f"rows {i} and {half + i} are not the chosen and the rejected completion of "
+                                      f"one record (row {i}: {c.role} of {c.example.id!r}; row {half + i}: "
+                                      f"{r.role} of {r.example.id!r})")
         problems = [p for row in rows for p in row.problems]
         details = [{"row": i, "id": row.example.id if row.example else None, "role": row.role,
                     "tokens": row.n_tokens, "prompt_tokens": row.n_prompt, "truncated": row.truncated,
@@ -164,12 +176,14 @@ class FirstBatchSentinel(Invariant):
             row.problems.append(f"row {i}: attention mask is not one block of real tokens then padding")
             return row
         ids = list(ids_all[:n])
-        hit = index.get(tuple(ids))
-        if hit is None and fb.max_length is not None and n == fb.max_length:
+        hits = index.get(tuple(ids), [])
+        if not hits and fb.max_length is not None and n == fb.max_length:
             for key, value in index.items():
                 if len(key) > n and list(key[:n]) == ids:
-                    hit, row.truncated = value, True
-                    break
+                    hits = hits + value
+                    row.truncated = True
+        row.candidates = hits
+        hit = hits[0] if hits else None
         decoded = _decode(tok, ids)
         if hit is None:
             near = self._nearest(fb.examples, decoded)
@@ -238,8 +252,11 @@ def _spans(mask: Sequence[int]) -> str:
 
 @dataclass
 class ReferenceLogps:
-    """Summed completion log-probs of the first DPO batch under the policy and under the
-    reference the trainer uses (precomputed or live), one value per pair."""
+    """Summed completion log-probs of the first DPO batch, one value per pair: the policy's
+    and the reference's, both computed live on the same padded batch by the same code path
+    (so identical models give identical numbers in any dtype), plus the reference values
+    the trainer precomputed before training, when it did (other batches, other padding:
+    equal only up to numerical noise)."""
 
     policy_chosen: list[float]
     policy_rejected: list[float]
@@ -248,12 +265,22 @@ class ReferenceLogps:
     beta: float
     tolerance: float = 1e-3
     reference: str = "reference"  # how the trainer obtains it, for the evidence
+    precomputed_chosen: list[float] | None = None
+    precomputed_rejected: list[float] | None = None
+    precompute_tolerance: float = 0.05  # on beta * |precomputed - live|, i.e. in reward units
 
     def losses_and_rewards(self) -> tuple[float, list[float], list[float]]:
         chosen = [self.beta * (p - r) for p, r in zip(self.policy_chosen, self.reference_chosen)]
         rejected = [self.beta * (p - r) for p, r in zip(self.policy_rejected, self.reference_rejected)]
         losses = [_softplus(-(c - r)) for c, r in zip(chosen, rejected)]  # -log sigmoid(beta * delta)
         return sum(losses) / len(losses), chosen, rejected
+
+    def precompute_drift(self) -> float | None:
+        if self.precomputed_chosen is None:
+            return None
+        live = self.reference_chosen + self.reference_rejected
+        pre = list(self.precomputed_chosen) + list(self.precomputed_rejected or [])
+        return max(self.beta * abs(a - b) for a, b in zip(live, pre))
 
 
 def _softplus(x: float) -> float:
@@ -263,12 +290,14 @@ def _softplus(x: float) -> float:
 class ReferenceIdentity(Invariant):
     """At step 0 of DPO the policy and the reference agree: on the first batch the DPO loss
     is ln 2 and every implicit reward beta * (log pi - log pi_ref) is ~0 (within
-    `tolerance`).
+    `tolerance`); reference log-probs precomputed before training agree with the live
+    reference (within `precompute_tolerance`, reward units).
 
     Prevents: DPO regularised towards the wrong model. With `peft_config` and
     `ref_model=None`, TRL's reference is the base with the adapter disabled - not the SFT
     policy DPO is meant to start from and stay near - so the run optimises away from SFT
-    from its first step while reporting ordinary-looking losses."""
+    from its first step while reporting ordinary-looking losses. Also catches precomputed
+    reference log-probs from another model (e.g. a stale cache)."""
 
     name = "dpo_reference_identity"
     severity = Severity.ERROR
@@ -278,16 +307,22 @@ class ReferenceIdentity(Invariant):
             return False, "no pairs in the first batch", None
         loss, chosen, rejected = s.losses_and_rewards()
         max_reward = max(abs(x) for x in chosen + rejected)
+        drift = s.precompute_drift()
         details = {"loss": loss, "ln2": LN2, "max_abs_reward": max_reward, "beta": s.beta,
                    "tolerance": s.tolerance, "reference": s.reference,
-                   "rewards_chosen": chosen, "rewards_rejected": rejected}
-        ok = abs(loss - LN2) <= s.tolerance and max_reward <= s.tolerance
+                   "rewards_chosen": chosen, "rewards_rejected": rejected,
+                   "precomputed_max_abs_reward_diff": drift}
+        identical = abs(loss - LN2) <= s.tolerance and max_reward <= s.tolerance
         summary = (f"step-0 DPO loss {loss:.6f} vs ln 2 = {LN2:.6f} (|diff| {abs(loss - LN2):.2e}), "
                    f"max |reward| {max_reward:.2e}, tolerance {s.tolerance:g}, beta {s.beta:g}; reference: {s.reference}")
-        if ok:
-            return True, summary + ": policy and reference are the same model at step 0", details
-        return False, (summary + ": the reference is not the policy DPO starts from (e.g. the adapter-disabled "
-                       "base instead of the SFT policy)"), details
+        if drift is not None:
+            summary += f"; precomputed vs live reference: max {drift:.2e} reward units (tolerance {s.precompute_tolerance:g})"
+        if not identical:
+            return False, (summary + ": the reference is not the policy DPO starts from (e.g. the adapter-disabled "
+                           "base instead of the SFT policy)"), details
+        if drift is not None and drift > s.precompute_tolerance:
+            return False, summary + ": the precomputed reference log-probs come from another model", details
+        return True, summary + ": policy and reference are the same model at step 0", details
 
 
 # --------------------------------------------------------------------------- truncation

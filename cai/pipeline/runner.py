@@ -211,6 +211,7 @@ def run_stages(run: Run, todo: list[str]) -> None:
             for stage in data:
                 log(f"stage {stage}")
                 DATA_STAGES[stage](run, slot, gen)
+            del gen  # holds the model: drop it before the slot releases
     for stage, run_stage in MODEL_STAGES.items():
         if stage in todo:
             log(f"stage {stage}")
