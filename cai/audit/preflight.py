@@ -1,0 +1,145 @@
+"""`cai preflight CONFIG`: check the configuration against the declared methodology, then
+rehearse the whole pipeline on a small sample with every invariant on, and project the
+cost of the full run. A large run should not start before this passes.
+
+The compliance matrix is checked first (it is free); a failing row stops before any model
+work. The rehearsal is `cai run` itself on a scaled-down copy of the config (same model,
+format, critic and training settings; fewer items and steps), so it exercises the very
+code the real run will.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cai.config import RunConfig, load_config
+from cai.errors import CaiError
+
+DEFAULT_SAMPLE = 8
+
+
+@dataclass
+class Row:
+    requirement: str
+    passed: bool
+    observed: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"requirement": self.requirement, "passed": self.passed, "observed": self.observed}
+
+
+def compliance(cfg: RunConfig) -> list[Row]:
+    """The declared methodology (DESIGN.md), row by row, against this config."""
+    from cai.invariants import evaluate, offline_invariants
+
+    eval_format = cfg.eval.format or cfg.format
+    rows = [
+        Row("instructions are model-generated (or templates, explicitly chosen and labelled)",
+            cfg.instructions.source in ("model", "templates"),
+            f"instructions.source = {cfg.instructions.source}" + (" (labelled in reports)" if cfg.instructions.source == "templates" else "")),
+        Row("critic filtering on, with a positive confidence threshold",
+            cfg.critic.enabled and cfg.critic.threshold > 0,
+            f"critic.enabled = {cfg.critic.enabled}, threshold = {cfg.critic.threshold}, swap = {cfg.critic.swap}"),
+        Row("over-generation before the critic keeps the best",
+            cfg.instructions.overgenerate > 1.0, f"instructions.overgenerate = {cfg.instructions.overgenerate}"),
+        Row("few-shot completion prompting for responses", cfg.responses.shots > 0,
+            f"responses.shots = {cfg.responses.shots}, best-of-{cfg.responses.n_candidates}"),
+        Row("evaluation in the training format (train/eval parity)", eval_format == cfg.format,
+            f"train format = {cfg.format}, eval format = {eval_format}"),
+        Row("DPO beta in the documented range 0.1-0.3", 0.1 <= cfg.dpo.beta <= 0.3, f"dpo.beta = {cfg.dpo.beta}"),
+        Row("one LoRA setting for SFT and DPO (DPO continues the SFT adapter)", cfg.sft.lora == cfg.dpo.lora,
+            f"sft r={cfg.sft.lora.r} alpha={cfg.sft.lora.alpha}; dpo r={cfg.dpo.lora.r} alpha={cfg.dpo.lora.alpha}"),
+        Row("quantization as declared, remote code off", not cfg.model.trust_remote_code,
+            f"quantization = {cfg.model.quantization}, dtype = {cfg.model.dtype}, trust_remote_code = {cfg.model.trust_remote_code}"),
+    ]
+    for result in evaluate(offline_invariants(cfg.model), None):
+        rows.append(Row(f"offline readiness: {result.name}", result.status.value != "fail", result.evidence))
+    return rows
+
+
+def rehearsal_config(cfg: RunConfig, sample: int) -> RunConfig:
+    """The same run, scaled down to `sample` instructions and a few training steps."""
+    data = cfg.model_dump()
+    data["name"] = f"{cfg.name}-preflight"
+    data["instructions"].update(n=sample, max_rounds=max(cfg.instructions.max_rounds, 10))
+    for section in ("sft", "dpo"):
+        data[section].update(max_steps=2, save_steps=2)
+    data["eval"].update(limit=sample)
+    return RunConfig.model_validate(data)
+
+
+def projection(cfg: RunConfig, run_dir: Path, sample: int, target: int) -> dict[str, Any]:
+    """Seconds per instruction of each data stage and seconds per training step, scaled to
+    `target` examples. Assumptions are returned with the numbers."""
+    from cai.pipeline.store import read_manifest
+
+    stages: dict[str, Any] = {}
+    for stage in ("candidates", "instructions", "responses", "pairs", "sft", "dpo", "eval"):
+        path = run_dir / stage
+        if (path / "manifest.json").is_file():
+            m = read_manifest(path)
+            stages[stage] = {"seconds": m["timings"]["wall_seconds"], "records": m["outputs"]["records"]}
+    scale = target / sample
+    data_seconds = sum(stages.get(s, {}).get("seconds", 0) for s in ("candidates", "instructions", "responses", "pairs"))
+    steps = {s: math.ceil(target * cfg_section.epochs / (cfg_section.batch_size * cfg_section.grad_accum))
+             for s, cfg_section in (("sft", cfg.sft), ("dpo", cfg.dpo))}
+    per_step = {s: stages[s]["seconds"] / 2 for s in ("sft", "dpo") if s in stages}
+    train_seconds = sum(per_step.get(s, 0) * steps[s] for s in steps)
+    total = data_seconds * scale + train_seconds
+    return {
+        "stages": stages, "target": target, "sample": sample,
+        "projected_hours": {"data": round(data_seconds * scale / 3600, 2), "training": round(train_seconds / 3600, 2),
+                            "total": round(total / 3600, 2)},
+        "assumptions": [
+            f"data stages scale linearly from {sample} to {target} instructions (x{scale:.0f}) on the same hardware",
+            f"training: {steps['sft']} SFT and {steps['dpo']} DPO steps (target x epochs / effective batch), at the "
+            "rehearsal's seconds per step (2 steps each, including trainer start-up: an upper bound)",
+            "GPU-hours = wall hours x GPUs used; the rehearsal ran on this machine's device",
+        ],
+    }
+
+
+def cli_main(args) -> int:
+    from cai.pipeline.runner import log, run_pipeline
+
+    cfg = load_config(args.config)
+    sample = args.sample or DEFAULT_SAMPLE
+    out_dir = Path(args.out) if args.out else Path("reports") / "preflight"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = compliance(cfg)
+    report: dict[str, Any] = {"config": str(args.config), "sample": sample, "target": args.target,
+                              "compliance": [r.to_json() for r in rows]}
+    rehearsal_ok = False
+    if all(r.passed for r in rows):
+        with tempfile.TemporaryDirectory(prefix="cai-preflight-") as tmp:
+            run_dir = Path(tmp) / "run"
+            try:
+                run_pipeline(rehearsal_config(cfg, sample), run_dir)
+                rehearsal_ok = True
+            except CaiError as err:
+                report["rehearsal_error"] = str(err).splitlines()[0]
+            report["projection"] = projection(cfg, run_dir, sample, args.target)
+    else:
+        report["rehearsal_error"] = "skipped: compliance rows failed"
+    report["passed"] = rehearsal_ok and all(r.passed for r in rows)
+    name = Path(args.config).stem
+    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
+    md = [f"# cai preflight: {name}", "", f"**{'PASS' if report['passed'] else 'FAIL'}**", "",
+          "| requirement | status | observed |", "|---|---|---|"]
+    md += [f"| {r.requirement} | {'pass' if r.passed else '**FAIL**'} | {r.observed} |" for r in rows]
+    if "rehearsal_error" in report:
+        md += ["", f"Rehearsal: {report['rehearsal_error']}"]
+    if "projection" in report:
+        p = report["projection"]
+        md += ["", f"## Projection for {args.target} examples", "", f"Hours: {p['projected_hours']}", ""]
+        md += [f"- {a}" for a in p["assumptions"]]
+    (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
+    for r in rows:
+        log(f"{'pass' if r.passed else 'FAIL'}  {r.requirement}: {r.observed}")
+    log(f"preflight {'PASS' if report['passed'] else 'FAIL'}: {out_dir / (name + '.md')}")
+    return 0 if report["passed"] else 1

@@ -1,0 +1,43 @@
+"""`cai preflight` fails on a methodology violation before any model work, naming the row."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+def preflight(tmp_path, overrides):
+    cfg = yaml.safe_load(open("configs/smoke.yaml"))
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        cfg[section][key] = value
+    path = tmp_path / "violating.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "cai.cli", "preflight", str(path), "--out", str(tmp_path / "pf")],
+                          capture_output=True, text=True, timeout=300)
+    return proc, json.loads((tmp_path / "pf" / "violating.json").read_text())
+
+
+@pytest.mark.parametrize("overrides, row", [
+    ({"critic.enabled": False}, "critic filtering on"),
+    ({"eval.format": "raw"}, "evaluation in the training format"),
+    ({"responses.shots": 0}, "few-shot completion prompting"),
+    ({"dpo.beta": 0.5}, "DPO beta in the documented range"),
+])
+def test_methodology_violation_fails_with_the_row_named(tmp_path, overrides, row):
+    proc, report = preflight(tmp_path, overrides)
+    assert proc.returncode == 1, proc.stderr
+    failed = [r["requirement"] for r in report["compliance"] if not r["passed"]]
+    assert len(failed) == 1 and failed[0].startswith(row)
+    assert f"FAIL  {row}" in proc.stderr
+    assert report["rehearsal_error"].startswith("skipped")
+
+
+def test_smoke_config_complies():
+    from cai.audit.preflight import compliance
+    from cai.config import load_config
+
+    rows = compliance(load_config("configs/smoke.yaml"))
+    assert all(r.passed for r in rows), [r for r in rows if not r.passed]
