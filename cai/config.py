@@ -109,6 +109,8 @@ class EvalConfig(_Section):
         default_factory=lambda: ["primary", "raw_probe", "fewshot_baseline"])
     format: str | None = Field(None, description="evaluation prompt format; defaults to the training format")
     bootstrap_resamples: int = Field(10000, gt=0)
+    lm_eval: bool = Field(True, description="also run cai's lm-eval tasks (HFLM) as a second opinion")
+    lm_eval_limit: int | None = Field(None, gt=0, description="docs per lm-eval task (None: all)")
 
 
 class RunConfig(_Section):

@@ -144,6 +144,16 @@ def build_report(run_dir: str | Path) -> Path:
         for c in results["comparisons"]:
             md.append(f"| {c['suite']} | {c['a']} → {c['b']} | {c['diff_b_minus_a']:+.3f} | {_fmt_ci(c['ci95'])} | "
                       f"{c['mcnemar_p']:.3g} | {c['a_only_pass']} | {c['b_only_pass']} | {c['n']} |")
+        lm_eval = (read_manifest(run_dir / "eval").get("extra", {}).get("lm_eval")
+                   if (run_dir / "eval" / MANIFEST).is_file() else None)
+        if lm_eval:
+            md += ["", "### lm-eval second opinion (HFLM, cai's YAML tasks, no chat template)", "",
+                   "| model | task | metric | value |", "|---|---|---|---|"]
+            for model, rep in lm_eval.items():
+                for task, t in rep["tasks"].items():
+                    for metric, value in sorted(t["metrics"].items()):
+                        if isinstance(value, (int, float)):
+                            md.append(f"| {model} | {task} | {metric} | {value:.3f} |")
         md += ["", "### Warnings", ""] + ([f"- {w}" for w in results["warnings"]] or ["- none"]) + [""]
         md += ["### Discordant items", "", "Every item where two models disagree, with the check that decided:", ""]
         for c in results["comparisons"]:

@@ -188,7 +188,29 @@ def stage_eval(run: Run, slot) -> None:
     writer = run.writer("eval", ["sft", "dpo"])
     stats = generate_eval_responses(cfg, slot, items, ["base", "sft", "dpo"], writer)
     results = evaluate(eval_response_invariants(cfg.format), writer.done)
-    run.finish("eval", writer, results, model=slot.provenance, extra={"eval": stats, "adapters": slot.adapters})
+    second_opinion = lm_eval_second_opinion(cfg, slot) if cfg.eval.lm_eval else {}
+    for model_report in second_opinion.values():
+        results += [Result.from_json(r) for r in model_report.get("invariants", [])]
+    run.finish("eval", writer, results, model=slot.provenance,
+               extra={"eval": stats, "adapters": slot.adapters, "lm_eval": second_opinion})
+
+
+def lm_eval_second_opinion(cfg: RunConfig, slot) -> dict[str, Any]:
+    """lm-eval's HFLM over the same resident model, each adapter switched in: its metrics
+    go in the report next to the canonical metric (never replace it)."""
+    from cai.pipeline.lmeval import run_lm_eval
+
+    out = {}
+    for name in ("base", "sft", "dpo"):
+        log(f"lm-eval second opinion: {name}")
+        with slot.use(name):
+            report = run_lm_eval(slot.model, slot.tokenizer, limit=cfg.eval.lm_eval_limit,
+                                 batch_size=cfg.eval.batch_size, format_name=cfg.eval.format or cfg.format,
+                                 max_gen_toks=cfg.eval.max_new_tokens, raise_on_failure=False)
+        out[name] = {"tasks": {t: {"metrics": v["metrics"], "n": v.get("n")} for t, v in report["tasks"].items()},
+                     "lm_eval_version": report.get("lm_eval_version"),
+                     "invariants": [r if isinstance(r, dict) else r.to_json() for r in report.get("invariants", [])]}
+    return out
 
 
 DATA_STAGES = {"candidates": stage_candidates, "instructions": stage_instructions,
