@@ -1,0 +1,211 @@
+"""Responses by few-shot completion, best-of-N chosen by the critic.
+
+For each instruction the base model completes a URIAL-style few-shot prompt
+(`formats.render_fewshot`: `responses.shots` solved examples from
+`cai/data/seeds/fewshot_examples.jsonl`, drawn per instruction with a seeded rng, then the
+new instruction). Generation stops at the next example boundary
+(`formats.stop_sequences(cfg.format)`), so a completion never runs into a new
+"Instruction:" block. N = `responses.n_candidates` samples are drawn at
+`responses.temperature`; each request has its own seed (run seed, instruction id, j), so
+outputs do not depend on batching and a resumed run equals an uninterrupted one.
+
+Selection (round robin): every pair of usable candidates is judged once by the A/B
+response critic (with swap when `critic.swap`); a candidate's score is its mean combined
+margin against the others, and the best score is chosen. Every candidate's direct margin
+against the chosen one is stored (`margin_vs_chosen`), so `pairs.py` builds preference
+pairs from records alone. Cost: N(N-1)/2 judgements (x2 forward passes with swap) per
+instruction. Usable = non-empty, no chat marker, and ended by itself (a candidate cut by
+`max_new_tokens` would teach the model to stop mid-sentence once EOS is appended).
+
+The stored SFT record's `prompt` is `formats.render(cfg.format, instruction)` alone; the
+few-shot context is scaffolding, identified by `fewshot_context_sha256`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections import Counter
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Sequence
+
+from cai.config import RunConfig
+from cai.errors import CaiError
+from cai.pipeline import critic, formats
+from cai.pipeline.generation import derive_seed
+from cai.pipeline.instructions import CHAT_MARKERS
+
+FEWSHOT_PATH = Path(__file__).resolve().parent.parent / "data" / "seeds" / "fewshot_examples.jsonl"
+
+
+def load_fewshot_examples(path: str | Path = FEWSHOT_PATH) -> list[tuple[str, str]]:
+    """Shipped (instruction, response) examples for few-shot response prompts."""
+    out = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if not isinstance(r.get("instruction"), str) or not isinstance(r.get("response"), str):
+            raise CaiError(f"{path}:{i + 1}: a few-shot example needs 'instruction' and 'response' strings")
+        out.append((r["instruction"], r["response"]))
+    return out
+
+
+def fewshot_for(cfg: RunConfig, record_id: str, instruction: str,
+                examples: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`responses.shots` examples for one instruction: seeded by (run seed, id), never the instruction itself."""
+    pool = [e for e in examples if e[0].strip() != instruction.strip()]
+    rng = random.Random(derive_seed(cfg.seed, "fewshot", record_id))
+    return rng.sample(pool, min(cfg.responses.shots, len(pool)))
+
+
+def fewshot_prompt(cfg: RunConfig, instruction: str, shots: Sequence[tuple[str, str]]) -> tuple[str, str]:
+    """(few-shot prompt, sha256 of its context: the part before the canonical prompt)."""
+    prompt = formats.render_fewshot(cfg.format, shots, instruction)
+    canonical = formats.render(cfg.format, instruction)
+    if not prompt.endswith(canonical):
+        raise CaiError(f"few-shot prompt does not end with the canonical prompt for format {cfg.format!r}")
+    context = prompt[: len(prompt) - len(canonical)]
+    return prompt, hashlib.sha256(context.encode()).hexdigest()
+
+
+def unusable_reason(text: str, stop_reason: str) -> str | None:
+    if not text:
+        return "empty"
+    if any(m in text for m in CHAT_MARKERS):
+        return "marker"
+    if stop_reason == "length":
+        return "truncated"
+    return None
+
+
+def round_robin(gen, cfg: RunConfig, groups: Sequence[tuple[str, Sequence[str]]]) -> list[dict[tuple[int, int], critic.Judgement]]:
+    """Judge every pair (a < b) of texts within each (instruction, texts) group, all groups in
+    one batched critic call. Returns per group {(a, b): judgement}, margin > 0 favouring a."""
+    items, keys = [], []
+    for g, (instruction, texts) in enumerate(groups):
+        for a, b in combinations(range(len(texts)), 2):
+            items.append((instruction, texts[a], texts[b]))
+            keys.append((g, a, b))
+    judgements = critic.judge_responses(gen, items, swap=cfg.critic.swap, batch_size=cfg.critic.batch_size) if items else []
+    out: list[dict[tuple[int, int], critic.Judgement]] = [{} for _ in groups]
+    for (g, a, b), j in zip(keys, judgements):
+        out[g][(a, b)] = j
+    return out
+
+
+def _oriented(table: dict[tuple[int, int], critic.Judgement], a: int, b: int) -> tuple[float, bool]:
+    """Margin of a over b (and the disagreement flag) from a round-robin table."""
+    if (a, b) in table:
+        j = table[(a, b)]
+        return j.margin, j.disagree
+    j = table[(b, a)]
+    return -j.margin, j.disagree
+
+
+def select(table: dict[tuple[int, int], critic.Judgement], k: int) -> tuple[int, list[float]]:
+    """Chosen index among k judged candidates and each one's score: its mean combined margin
+    against the others (ties: the earlier candidate)."""
+    scores = [sum(_oriented(table, i, o)[0] for o in range(k) if o != i) / max(k - 1, 1) for i in range(k)]
+    chosen = max(range(k), key=lambda i: (scores[i], -i))
+    return chosen, scores
+
+
+def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer) -> dict[str, Any]:
+    """Write one SFT record per instruction (skipping ids already in `writer.done`); return stats.
+    Instructions with no usable candidate are dropped and counted (`dropped`), never silently."""
+    started = time.perf_counter()
+    rc = cfg.responses
+    examples = load_fewshot_examples()
+    stop = formats.stop_sequences(cfg.format)
+    done_ids = {r["id"] for r in writer.done}
+    todo = [r for r in instructions if r["id"] not in done_ids]
+    stats: Counter = Counter()
+    stop_reasons: Counter = Counter()
+    unusable: Counter = Counter()
+    chosen_margins, disagreements, judged = [], 0, 0
+    passes_before = gen.counters.get("scored_prompts", 0) if hasattr(gen, "counters") else 0
+    n = rc.n_candidates
+    for start in range(0, len(todo), rc.batch_size):
+        chunk = todo[start:start + rc.batch_size]
+        prompts, seeds, shas = [], [], []
+        for rec in chunk:
+            prompt, sha = fewshot_prompt(cfg, rec["instruction"], fewshot_for(cfg, rec["id"], rec["instruction"], examples))
+            shas.append(sha)
+            prompts.extend([prompt] * n)
+            seeds.extend(derive_seed(cfg.seed, "responses", rec["id"], j) for j in range(n))
+        outs = gen.generate(prompts, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, stop=stop,
+                            seed=seeds, batch_size=rc.batch_size)
+        per_rec = []
+        for r, rec in enumerate(chunk):
+            cands = []
+            for out in outs[r * n:(r + 1) * n]:
+                text = out.text.strip()
+                reason = unusable_reason(text, out.stop_reason)
+                stop_reasons[out.stop_reason] += 1
+                if reason:
+                    unusable[reason] += 1
+                cands.append({"text": text, "stop_reason": out.stop_reason, "n_new_tokens": out.n_new_tokens,
+                              "usable": reason is None, "unusable_reason": reason})
+            per_rec.append(cands)
+        usable_idx = [[i for i, c in enumerate(cands) if c["usable"]] for cands in per_rec]
+        tables = (round_robin(gen, cfg, [(rec["instruction"], [cands[i]["text"] for i in idx])
+                                         for rec, cands, idx in zip(chunk, per_rec, usable_idx)])
+                  if cfg.critic.enabled else [{} for _ in chunk])
+        records = []
+        for rec, cands, idx, table, sha in zip(chunk, per_rec, usable_idx, tables, shas):
+            stats["instructions"] += 1
+            if not idx:
+                stats["dropped_no_usable_candidate"] += 1
+                continue
+            if cfg.critic.enabled and len(idx) > 1:
+                local_chosen, local_scores = select(table, len(idx))
+                chosen = idx[local_chosen]
+                for li, i in enumerate(idx):
+                    cands[i]["score"] = round(local_scores[li], 4)
+                    if i != chosen:
+                        m, dis = _oriented(table, local_chosen, li)
+                        cands[i]["margin_vs_chosen"] = round(m, 4)
+                        cands[i]["disagree_vs_chosen"] = dis
+                judged += len(table)
+                disagreements += sum(j.disagree for j in table.values())
+                selection = "critic_round_robin"
+                margin = local_scores[local_chosen]
+                chosen_margins.append(margin)
+            else:
+                chosen = idx[0]
+                selection = "first_usable (critic off)" if not cfg.critic.enabled else "only_usable_candidate"
+                margin = None
+            response = cands[chosen]["text"]
+            records.append({
+                "id": rec["id"],
+                "instruction": rec["instruction"],
+                "type": rec.get("type"),
+                "format": cfg.format,
+                "prompt": formats.render(cfg.format, rec["instruction"]),
+                "completion": formats.COMPLETION_PREFIX + response,
+                "stop_reason": cands[chosen]["stop_reason"],
+                "critic_margin": None if margin is None else round(margin, 4),
+                "chosen_index": chosen,
+                "selection": selection,
+                "candidates": cands,
+                "fewshot_context_sha256": sha,
+                "source": rec.get("source"),
+            })
+            stats["written"] += 1
+        writer.extend(records)  # one chunk at a time: a crash loses at most this chunk
+    forward = (gen.counters.get("scored_prompts", 0) - passes_before) if hasattr(gen, "counters") else None
+    return {
+        "instructions_in": len(instructions), "resumed_records": len(done_ids), "processed": stats["instructions"],
+        "written": stats["written"], "n_records": len(writer.done),
+        "dropped": {"no_usable_candidate": stats["dropped_no_usable_candidate"]},
+        "candidates": {"per_instruction": n, "stop_reasons": dict(stop_reasons), "unusable": dict(unusable)},
+        "critic": {"enabled": cfg.critic.enabled, "selection": "round robin, mean combined margin",
+                   "judgements": judged, "forward_passes": forward,
+                   "disagreement_rate": round(disagreements / judged, 4) if judged else None,
+                   "chosen_margin": critic.margin_stats(chosen_margins)},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
