@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import sys
 from typing import Any, Iterable, Mapping
 
@@ -123,14 +122,9 @@ def memory_snapshot(events_since: int | None = None) -> dict[str, Any]:
     its slot to close (data stages share one slot): peak and current RSS, the CUDA peak on
     a GPU, and — with `events_since` (len(SLOT_EVENTS) when the stage started) — the slot
     events since then, for the run-level `LoadsSequenced` check."""
-    import resource
+    from cai.pipeline.models import SLOT_EVENTS, peak_rss_mb, rss_mb
 
-    from cai.pipeline.models import SLOT_EVENTS
-
-    with open("/proc/self/statm") as f:
-        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    snap: dict[str, Any] = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                            "rss_mb": round(rss, 1)}
+    snap: dict[str, Any] = {"peak_rss_mb": round(peak_rss_mb(), 1), "rss_mb": round(rss_mb(), 1)}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         snap["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)

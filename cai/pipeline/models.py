@@ -38,7 +38,7 @@ WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt", "tokenizer.model")
-VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "lm_eval", "gguf")
+VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "bitsandbytes", "lm_eval", "gguf")
 
 CHAT_TEMPLATE_REFUSAL = (
     "chat templates are disabled by cai: this tokenizer feeds a *base* model, which is trained and "
@@ -370,12 +370,12 @@ def build_tiny_model(tokenizer, seed: int = 0):
 # --------------------------------------------------------------------------- slot
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -403,7 +403,7 @@ class ModelSlot:
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self.memory["rss_before_mb"] = round(_rss_mb(), 1)
+        self.memory["rss_before_mb"] = round(rss_mb(), 1)
         self.loaded = load_model(self.model_cfg)
         SLOT_EVENTS.append({"event": "load", "label": self.label, "source": self.model_cfg.source, "time": time.time()})
         return self
@@ -454,12 +454,12 @@ class ModelSlot:
 
         if torch.cuda.is_available():
             self.memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        self.memory["rss_resident_mb"] = round(_rss_mb(), 1)
-        self.memory["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+        self.memory["rss_resident_mb"] = round(rss_mb(), 1)
+        self.memory["peak_rss_mb"] = round(peak_rss_mb(), 1)
         self.loaded = None  # a reference kept elsewhere stays visible to the next load_model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self.memory["rss_after_mb"] = round(_rss_mb(), 1)
+        self.memory["rss_after_mb"] = round(rss_mb(), 1)
         SLOT_EVENTS.append({"event": "release", "label": self.label, "source": self.model_cfg.source,
                             "time": time.time(), "memory": dict(self.memory)})

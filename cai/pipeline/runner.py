@@ -246,7 +246,11 @@ def run_stages(run: Run, todo: list[str]) -> None:
 def run_pipeline(cfg: RunConfig, out: Path, *, resume: bool = False) -> Path:
     """Run every stage not yet complete; return the report path."""
     from cai.invariants import evaluate, offline_invariants
+    from cai.pipeline.models import TINY_RANDOM, resolve_source, weight_files
 
+    resolved = resolve_source(cfg.model)  # a bad model source is bad input (exit 2), before anything is written
+    if resolved.kind != TINY_RANDOM:
+        weight_files(Path(resolved.path), cfg.model.allow_pickle)
     run = Run(cfg, out, resume=resume)
     todo = [s for s in STAGES if not run.is_done(s)]
     if not todo and (out / "reports" / "report.md").is_file():

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.metadata
 import json
 import math
-import resource
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -35,6 +33,7 @@ from cai.errors import ArtifactError, BadInputError
 from cai.invariants.base import Result, raise_on_failures
 from cai.invariants.training import Example, FirstBatch, TokenLengths
 from cai.pipeline.formats import COMPLETION_PREFIX, FormatError, get_format, render
+from cai.pipeline.models import library_versions, peak_rss_mb
 from cai.pipeline.store import write_json_atomic
 
 ADAPTER_DIR = "adapter"
@@ -46,7 +45,6 @@ SUMMARY_JSON = "training.json"
 # Trades ~20% compute for activation memory; needed for 32B on one GPU, harmless on the CPU.
 GRADIENT_CHECKPOINTING = True
 SAVE_TOTAL_LIMIT = 2
-VERSIONED = ("trl", "peft", "transformers", "torch", "accelerate", "datasets", "bitsandbytes")
 
 RECORD_FIELDS = {
     "sft": ("id", "instruction", "format", "prompt", "completion"),
@@ -149,16 +147,6 @@ def trainer_args(cfg: RunConfig, section: TrainConfig, out_dir: Path) -> dict[st
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
-
-
-def library_versions() -> dict[str, str | None]:
-    out = {}
-    for name in VERSIONED:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def trainer_config_record(cfg: RunConfig, section: TrainConfig, trainer, **extra) -> dict[str, Any]:
@@ -379,7 +367,7 @@ def run_trainer(trainer, *, stage: str, out_dir: Path, resume: bool,
     train_seconds = time.perf_counter() - started
     steps = trainer.state.global_step
     ran = steps - start_step
-    memory = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    memory = {"peak_rss_mb": round(peak_rss_mb(), 1)}
     if torch.cuda.is_available():
         memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     curve = write_loss_curve(trainer.state.log_history, out_dir, stage)
