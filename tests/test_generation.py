@@ -63,7 +63,7 @@ class TestGenerate:
             assert s.n_new_tokens < 10  # generation ended when every row had stopped
 
     def test_length_reason(self, gen):
-        out = gen.generate(PROMPTS[1:2], max_new_tokens=2)
+        out = gen.generate(PROMPTS[1:2], max_new_tokens=2, progress="length test")  # tqdm bar on stderr
         assert out[0].stop_reason == "length" and out[0].n_new_tokens == 2
 
     def test_sampling_is_seeded_per_request_not_per_batch(self, gen):

@@ -89,8 +89,12 @@ def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: lis
     batch at a time (a crash redoes at most one batch). Returns per-suite prompt hashes per model."""
     from cai.pipeline.generation import HFGenerator
 
+    from tqdm.auto import tqdm
+
     gen = HFGenerator(slot.model, slot.tokenizer, batch_size=cfg.eval.batch_size)
     done = {r["id"] for r in writer.done}
+    total = sum(len(items) for suite in cfg.eval.suites for m in SUITE_MODELS[suite] if m in models)
+    bar = tqdm(total=total, initial=len(done), desc="evaluation responses", unit="resp", mininterval=1.0)
     hashes: dict[str, dict[str, str]] = {}
     for suite in cfg.eval.suites:
         settings = generation_settings(cfg, suite)
@@ -104,8 +108,7 @@ def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: lis
                 chunk = todo[start:start + cfg.eval.batch_size]
                 with slot.use(model_name):
                     outs = gen.generate([rendered[i][1] for i in chunk], max_new_tokens=settings["max_new_tokens"],
-                                        temperature=0.0, stop=settings["stop"],
-                                        progress=None)
+                                        temperature=0.0, stop=settings["stop"])
                 for i, out in zip(chunk, outs):
                     it = items[i]
                     writer.append({
@@ -114,6 +117,8 @@ def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: lis
                         "format": rendered[i][0], "prompt": rendered[i][1], "response": out.text.strip(),
                         "stop_reason": out.stop_reason, "n_new_tokens": out.n_new_tokens,
                     })
+                bar.update(len(chunk))
+    bar.close()
     return {"prompt_sha256": hashes, "settings": {s: generation_settings(cfg, s) for s in cfg.eval.suites},
             "models": models, "n_items": len(items)}
 

@@ -210,6 +210,7 @@ class HFGenerator:
                                   eos_token_id=self.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                                   repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
         bar = _progress_bar(progress, len(prompts))
+        call_tokens = 0
         self.counters["generate_calls"] += 1
         try:
             for batch in _batches(order, batch_size or self.batch_size):
@@ -227,29 +228,31 @@ class HFGenerator:
                 for row, i in enumerate(batch):
                     results[i] = self._finish(new_tokens[row], stop, max_new_tokens)
                 n_new = sum(results[i].n_new_tokens for i in batch)
+                call_tokens += n_new
                 self.counters["generated_tokens"] += n_new
                 self.counters["forward_batches"] += 1
                 if bar is not None:
                     bar.update(len(batch))
-                    bar.set_postfix(tok_s=f"{self.counters['generated_tokens'] / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+                    bar.set_postfix(tok_s=f"{call_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f}")
         finally:
             if bar is not None:
                 bar.close()
         return results  # type: ignore[return-value]
 
     def _finish(self, ids: list[int], stop: Sequence[str], max_new_tokens: int) -> Generation:
-        """Turn one row of new token ids into a Generation. EOS and the padding after a
-        finished row share an id here (pad = eos), so the row ends at the first EOS."""
-        n = ids.index(self.eos_token_id) if self.eos_token_id in ids else len(ids)
+        """Turn one row of new token ids into a Generation. The row ends at its first EOS or
+        pad token (transformers pads rows that finished early; here pad = eos)."""
+        ends = {self.eos_token_id, self.tokenizer.pad_token_id}
+        n = next((k for k, t in enumerate(ids) if t in ends), len(ids))
         text = self.tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         text, stopped = truncate_at_stop(text, stop)
         if stopped:
             reason: StopReason = "stop"
-        elif n < len(ids):
+        elif n < len(ids) and ids[n] == self.eos_token_id:
             reason = "eos"
-        elif len(ids) >= max_new_tokens:
+        elif n >= max_new_tokens:
             reason = "length"
-        else:  # the stopping criterion ended the row but the full decode has no stop string (tokenizer edge case)
+        else:  # a stopping criterion ended the row but the full decode has no stop string (tokenizer edge case)
             reason = "stop"
         return Generation(text, reason, n)
 

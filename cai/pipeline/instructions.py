@@ -288,6 +288,9 @@ def generate_instructions(cfg: RunConfig, gen, writer) -> dict[str, Any]:
     stop = (formats.EXAMPLE_SEPARATOR, f"\n{k + 1 + ITEMS_PER_SAMPLE}.")
     tokens_before = gen.counters.get("generated_tokens", 0) if hasattr(gen, "counters") else 0
     rounds_run = 0
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=target, initial=kept, desc="instruction candidates", unit="inst", mininterval=1.0)
     for round_index in range(ic.max_rounds):
         if kept >= target:
             break
@@ -328,6 +331,8 @@ def generate_instructions(cfg: RunConfig, gen, writer) -> dict[str, Any]:
                                        "stop_reason": out.stop_reason, "seed_ids": list(seed_sets[j])},
                     })
             writer.extend(new_records)  # one batch at a time: a crash loses at most this batch
+            bar.update(len(new_records))
+    bar.close()
     stats = {
         "source": "model", "target": target, "n_written": kept, "rounds": rounds_run,
         "prompts_per_round": prompts_per_round(cfg), "items_per_sample": ITEMS_PER_SAMPLE,

@@ -129,7 +129,9 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer) -> 
     chosen_margins, disagreements, judged = [], 0, 0
     passes_before = gen.counters.get("scored_prompts", 0) if hasattr(gen, "counters") else 0
     n = rc.n_candidates
-    for start in range(0, len(todo), rc.batch_size):
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(todo), rc.batch_size), desc="responses", unit="batch", mininterval=1.0):
         chunk = todo[start:start + rc.batch_size]
         prompts, seeds, shas = [], [], []
         for rec in chunk:
