@@ -118,3 +118,16 @@ def test_memory_snapshot_feeds_both_checks():
     assert snap["peak_rss_mb"] > 0 and [e["event"] for e in snap["slot_events"]] == ["load"]
     assert PeakMemoryRecorded().check(manifest).status == Status.PASS
     assert LoadsSequenced().check([manifest]).status == Status.PASS
+
+
+def test_stages_sharing_one_slot_record_one_load_not_several():
+    """The data stages share one slot: each manifest carries the same load event, which is
+    one load (a real overlap, two loads at different times, still fails)."""
+    from cai.invariants.memory import LoadsSequenced
+
+    load = {"event": "load", "label": "data", "source": "embedded", "time": 10.0}
+    shared = [{"stage": s, "memory": {"slot_events": [load]}} for s in ("candidates", "instructions")]
+    released = {"stage": "sft", "memory": {"slot_events": [{**load, "label": "sft", "time": 20.0},
+                                                           {"event": "release", "label": "sft", "source": "embedded", "time": 30.0}]}}
+    assert LoadsSequenced().check(shared).status.value == "pass"
+    assert LoadsSequenced().check(shared + [released]).status.value == "fail"  # data slot never released before sft

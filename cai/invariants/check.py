@@ -223,7 +223,9 @@ def check_run(run_dir: str | Path) -> Report:
     for inv in (ConfigHashesAgree(),):
         r = inv.check(manifests)
         results.append(r)
-    r = LoadsSequenced().check(list(manifests.values()))
+    index = run_dir / "run.json"
+    events = json.loads(index.read_text()).get("slot_events") if index.is_file() else None
+    r = LoadsSequenced().check(events if events else list(manifests.values()))
     results.append(r)
     return Report(str(run_dir), "run", results, {"artifacts": [a.relative_to(run_dir).as_posix() for a in artifacts],
                                                  "config_hash": info["config_hash"]})

@@ -171,7 +171,11 @@ def _events_of(subject) -> list[dict[str, Any]]:
             stage = item.get("stage", f"manifest {i}")
             for e in (item.get("memory") or {}).get("slot_events", []):
                 events.append({**e, "stage": e.get("stage", stage)})
-    return events
+    # Stages that share one slot (the data stages) each record its load: one event, not several.
+    unique: dict[tuple, dict[str, Any]] = {}
+    for e in events:
+        unique.setdefault((e.get("event"), e.get("label"), e.get("source"), e.get("time")), e)
+    return list(unique.values())
 
 
 def _who(e: Mapping[str, Any]) -> str:

@@ -47,11 +47,21 @@ class Run:
         self.index: dict[str, Any] = {"name": cfg.name, "config_hash": cfg.hash(), "config": cfg.model_dump(mode="json"),
                                       "stages": {}, "status": "running"}
         if self.index_path.is_file():
-            self.index["stages"] = json.loads(self.index_path.read_text()).get("stages", {})
+            previous = json.loads(self.index_path.read_text())
+            self.index["stages"] = previous.get("stages", {})
+            self.index["slot_events"] = previous.get("slot_events", [])
         self.save()
 
     def save(self) -> None:
         write_json_atomic(self.index_path, self.index)
+
+    def record_slot_events(self) -> None:
+        """The complete load/release log (all processes of this run, resumes included): the
+        run-level check that models were resident one at a time reads it."""
+        from cai.pipeline.models import SLOT_EVENTS
+
+        self.index.setdefault("slot_events", []).extend(dict(e) for e in SLOT_EVENTS[self.slot_events_mark:])
+        self.save()
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage
@@ -234,12 +244,14 @@ def run_stages(run: Run, todo: list[str]) -> None:
                 log(f"stage {stage}")
                 DATA_STAGES[stage](run, slot, gen)
             del gen  # holds the model: drop it before the slot releases
+        run.record_slot_events()
     for stage, run_stage in MODEL_STAGES.items():
         if stage in todo:
             log(f"stage {stage}")
             run.slot_events_mark = len(SLOT_EVENTS)
             with ModelSlot(run.cfg.model, label=stage) as slot:
                 run_stage(run, slot)
+            run.record_slot_events()
             raise_on_failures(evaluate(memory_invariants(), None))
 
 
