@@ -18,7 +18,7 @@ from typing import Any
 
 from cai.config import RunConfig
 from cai.errors import BadInputError, ConfigError
-from cai.invariants.training import FirstBatchSentinel, ReferenceIdentity, ReferenceLogps, TrainingTruncation
+from cai.invariants.training import FirstBatchSentinel, ReferenceIdentity, ReferenceLogps
 from cai.pipeline import training
 
 REFERENCE_TOLERANCE = 1e-3  # |step-0 loss - ln 2| and max |reward|
@@ -116,13 +116,8 @@ def train_dpo(cfg: RunConfig, slot, pairs: list[dict], sft_adapter_dir: Path, ou
     checkpoints, loss_curve.json/.png (with reward margins) and training.json; returns the
     manifest fields. The slot's base is left bare, as for SFT."""
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tok = slot.tokenizer
-    eos = tok.eos_token
-    examples = training.canonical_examples(pairs, "dpo", cfg.format, eos)
-    training.check_merge_allowed(cfg, cfg.dpo)
-    truncation = TrainingTruncation().check(training.token_lengths(examples, tok, eos, cfg.dpo.max_length))
+    out_dir, eos, examples, truncation = training.prepare("dpo", cfg, cfg.dpo, pairs, tok, out_dir)
 
     def checks(trainer, batch):
         subject = training.first_batch_subject("dpo", batch, examples, tok, eos, cfg.dpo.max_length)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cai.config import RunConfig
-from cai.invariants.training import FirstBatchSentinel, TrainingTruncation
+from cai.invariants.training import FirstBatchSentinel
 from cai.pipeline import training
 
 
@@ -46,13 +46,8 @@ def train_sft(cfg: RunConfig, slot, records: list[dict], out_dir: Path, *, resum
     model is left as it was (no LoRA layers): attach the adapter with
     `slot.add_adapter("sft", result["adapter_dir"])`."""
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tok = slot.tokenizer
-    eos = tok.eos_token
-    examples = training.canonical_examples(records, "sft", cfg.format, eos)
-    training.check_merge_allowed(cfg, cfg.sft)
-    truncation = TrainingTruncation().check(training.token_lengths(examples, tok, eos, cfg.sft.max_length))
+    out_dir, eos, examples, truncation = training.prepare("sft", cfg, cfg.sft, records, tok, out_dir)
 
     def checks(trainer, batch):
         subject = training.first_batch_subject("sft", batch, examples, tok, eos, cfg.sft.max_length)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 from cai.config import RunConfig, TrainConfig
 from cai.errors import ArtifactError, BadInputError
 from cai.invariants.base import Result, raise_on_failures
-from cai.invariants.training import Example, FirstBatch, TokenLengths
+from cai.invariants.training import Example, FirstBatch, TokenLengths, TrainingTruncation
 from cai.pipeline.formats import COMPLETION_PREFIX, FormatError, get_format, render
 from cai.pipeline.models import library_versions, peak_rss_mb
 from cai.pipeline.store import write_json_atomic
@@ -147,6 +147,20 @@ def trainer_args(cfg: RunConfig, section: TrainConfig, out_dir: Path) -> dict[st
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def prepare(kind: str, cfg: RunConfig, section: TrainConfig, records: Sequence[dict], tokenizer,
+            out_dir: Path) -> tuple[Path, str, list[Example], Result]:
+    """The shared start of an SFT or DPO run: the output directory, the declared EOS, the
+    canonical examples the first-batch sentinel compares against, the merge check, and the
+    truncation check (a warning the manifest carries)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eos = tokenizer.eos_token
+    examples = canonical_examples(records, kind, cfg.format, eos)
+    check_merge_allowed(cfg, section)
+    truncation = TrainingTruncation().check(token_lengths(examples, tokenizer, eos, section.max_length))
+    return out_dir, eos, examples, truncation
 
 
 def trainer_config_record(cfg: RunConfig, section: TrainConfig, trainer, **extra) -> dict[str, Any]:
