@@ -63,6 +63,24 @@ def test_real_slot_records_peak_memory_and_sequenced_events():
     assert LoadsSequenced().check(None).status == Status.PASS  # this process's whole log
 
 
+def _slot_log(*spans: tuple[str | None, float, float]) -> list[dict]:
+    """load/release events of (shard, loaded at, released at) spans, as ModelSlot writes them."""
+    return [e for shard, t0, t1 in spans for e in (
+        {"event": "load", "label": "data", "source": "embedded", "time": t0, "shard": shard},
+        {"event": "release", "label": "data", "source": "embedded", "time": t1, "shard": shard})]
+
+
+def test_shards_of_a_split_may_overlap_nothing_else_may():
+    ok = LoadsSequenced().check(_slot_log(("0-of-2", 0, 10), ("1-of-2", 1, 9), (None, 11, 12)))
+    assert ok.status == Status.PASS and "shards 0-of-2, 1-of-2 side by side" in ok.evidence
+    unsharded_during_shards = LoadsSequenced().check(_slot_log(("0-of-2", 0, 10), (None, 5, 6)))
+    assert unsharded_during_shards.status == Status.FAIL and "shard 0-of-2" in unsharded_during_shards.evidence
+    same_shard_twice = LoadsSequenced().check(_slot_log(("1-of-2", 0, 10), ("1-of-2", 2, 3)))
+    assert same_shard_twice.status == Status.FAIL
+    two_unsharded = LoadsSequenced().check(_slot_log((None, 0, 10), (None, 2, 3)))
+    assert two_unsharded.status == Status.FAIL
+
+
 @pytest.fixture(scope="module")
 def real_slot_events():
     """The load/release events one real ModelSlot appends to SLOT_EVENTS."""

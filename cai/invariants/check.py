@@ -225,6 +225,8 @@ def check_run(run_dir: str | Path) -> Report:
         results.append(r)
     index = run_dir / "run.json"
     events = json.loads(index.read_text()).get("slot_events") if index.is_file() else None
+    # run.json: every finished slot of every process (a killed process's load never released
+    # is not there: its memory went with it); manifests only while no slot has closed yet
     r = LoadsSequenced().check(events if events else list(manifests.values()))
     results.append(r)
     return Report(str(run_dir), "run", results, {"artifacts": [a.relative_to(run_dir).as_posix() for a in artifacts],

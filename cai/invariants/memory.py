@@ -180,33 +180,40 @@ def _events_of(subject) -> list[dict[str, Any]]:
 
 def _who(e: Mapping[str, Any]) -> str:
     stage = f"stage {e['stage']}, " if e.get("stage") else ""
-    return f"{stage}{e.get('label', '?')} {e.get('source', '?')!r}"
+    shard = f" shard {e['shard']}" if e.get("shard") else ""
+    return f"{stage}{e.get('label', '?')}{shard} {e.get('source', '?')!r}"
 
 
 class LoadsSequenced(Invariant):
-    """Prevents overlapping model lifetimes over a whole run (stages run side by side, a
-    shard started before the previous stage released): ordered by time, every `load` must
-    be followed by its `release` before the next `load`."""
+    """Prevents overlapping model lifetimes over a whole run (stages run side by side, two
+    `cai run` processes on one directory, a stage started before the previous one released):
+    ordered by time, every `load` must be followed by its `release` before the next `load`.
+    The one exception is `--shard`: loads of different shards of a split (one process per
+    device) may overlap each other, never an unsharded load or another load of the same shard."""
 
     name = "loads_sequenced"
 
     def _check(self, subject):
         events = sorted(_events_of(subject), key=lambda e: (e.get("time", 0), 0 if e.get("event") == "release" else 1))
-        open_load: dict[str, Any] | None = None
+        open_loads: dict[str | None, dict[str, Any]] = {}  # shard ("I-of-N", None if unsharded) -> its open load
         loads = 0
         for e in events:
+            lane = e.get("shard")
             if e.get("event") == "load":
                 loads += 1
-                if open_load is not None:
-                    return False, (f"load of {_who(e)} at t={e.get('time'):.3f} while {_who(open_load)} "
-                                   f"(loaded t={open_load.get('time'):.3f}) was not yet released"), {"events": events}
-                open_load = e
+                clash = [o for other, o in open_loads.items() if lane is None or other is None or other == lane]
+                if clash:
+                    return False, (f"load of {_who(e)} at t={e.get('time'):.3f} while {_who(clash[0])} "
+                                   f"(loaded t={clash[0].get('time'):.3f}) was not yet released"), {"events": events}
+                open_loads[lane] = e
             elif e.get("event") == "release":
-                open_load = None
+                open_loads.pop(lane, None)
         if not events:
             return True, "no model loads recorded"
-        tail = f"; {_who(open_load)} still loaded" if open_load else ""
-        return True, f"{loads} load(s), each released before the next{tail}"
+        tail = "".join(f"; {_who(o)} still loaded" for o in open_loads.values())
+        shards = sorted({e["shard"] for e in events if e.get("shard")})
+        side = f" (shards {', '.join(shards)} side by side)" if shards else ""
+        return True, f"{loads} load(s), each released before the next{side}{tail}"
 
 
 def memory_invariants() -> list[Invariant]:

@@ -144,7 +144,36 @@ def margin_stats(margins: Sequence[float]) -> dict[str, Any]:
             "histogram": {label: c for label, c in zip(labels, counts) if c}}
 
 
+def judgement_units(cfg: RunConfig, n_candidates: int) -> list[range]:
+    """Candidates judged together (one `judge` call: `critic.batch_size` candidates, both
+    orders): the unit of sharding. Fixed by the config so a unit's margins are the same
+    floats wherever it is judged."""
+    bs = cfg.critic.batch_size
+    return [range(start, min(start + bs, n_candidates)) for start in range(0, n_candidates, bs)]
+
+
+def judge_candidates(cfg: RunConfig, gen, candidates: Sequence[dict], shard=None) -> dict[str, Judgement]:
+    """Judgements of the candidates (against the anchor) by id, unit by unit; with `shard`,
+    only that shard's units."""
+    out: dict[str, Judgement] = {}
+    for u, unit in enumerate(judgement_units(cfg, len(candidates))):
+        if shard is not None and not shard.owns(u):
+            continue
+        chunk = [candidates[i] for i in unit]
+        for c, j in zip(chunk, judge_instructions(gen, [c["instruction"] for c in chunk], swap=cfg.critic.swap,
+                                                  batch_size=cfg.critic.batch_size)):
+            out[c["id"]] = j
+    return out
+
+
 def filter_instructions(cfg: RunConfig, gen, candidates: Sequence[dict], *,
+                        abstain_on_disagreement: bool = False) -> tuple[list[dict], dict[str, Any]]:
+    """Judge every candidate, then `select_instructions`."""
+    judgements = judge_candidates(cfg, gen, candidates) if cfg.critic.enabled else {}
+    return select_instructions(cfg, candidates, judgements, abstain_on_disagreement=abstain_on_disagreement)
+
+
+def select_instructions(cfg: RunConfig, candidates: Sequence[dict], judgements: dict[str, Judgement], *,
                         abstain_on_disagreement: bool = False) -> tuple[list[dict], dict[str, Any]]:
     """Keep the best `cfg.instructions.n` candidates the critic is confident about.
 
@@ -164,9 +193,11 @@ def filter_instructions(cfg: RunConfig, gen, candidates: Sequence[dict], *,
         kept = [dict(c, critic=None) for c in candidates[:n]]
         return kept, {"enabled": False, "filtering": "off (critic.enabled: false): first n candidates kept",
                       "n_candidates": len(candidates), "n_kept": len(kept), "short_by": max(0, n - len(kept))}
-    before = dict(gen.counters) if hasattr(gen, "counters") else None
-    judgements = judge_instructions(gen, [c["instruction"] for c in candidates], swap=cfg.critic.swap,
-                                    batch_size=cfg.critic.batch_size)
+    missing = [c["id"] for c in candidates if c["id"] not in judgements]
+    if missing:
+        raise CaiError(f"critic: {len(missing)} of {len(candidates)} candidates have no judgement (first: {missing[0]}); "
+                       "every candidate must be judged before selection")
+    judgements = [judgements[c["id"]] for c in candidates]
     threshold = cfg.critic.threshold
     confident = [i for i, j in enumerate(judgements)
                  if j.margin >= threshold and not (abstain_on_disagreement and j.disagree)]
@@ -189,9 +220,8 @@ def filter_instructions(cfg: RunConfig, gen, candidates: Sequence[dict], *,
         "kept_with_disagreement": sum(judgements[i].disagree for i in best),
         "mean_option_mass": round(sum(j.mass for j in judgements) / len(judgements), 4) if judgements else 0.0,
         "forward_passes_per_judgement": (judgements[0].passes if judgements else (2 if cfg.critic.swap else 1)),
+        "forward_passes": sum(j.passes for j in judgements),
         "margins": margin_stats(margins),
         "kept_margins": margin_stats([judgements[i].margin for i in best]),
     }
-    if before is not None:
-        stats["forward_passes"] = gen.counters["scored_prompts"] - before["scored_prompts"]
     return kept, stats

@@ -259,97 +259,219 @@ def _record_id(round_index: int, prompt_index: int, item_index: int) -> str:
 
 
 _ID = re.compile(r"^inst-r(\d+)-p(\d+)-i(\d+)$")
+_RAW_ID = re.compile(r"^raw-r(\d+)-p(\d+)$")  # one raw continuation (a shard's record)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One batch of list prompts (one `generate` call): the unit of resume and of sharding.
+    `index` is its place in the run order over all rounds."""
+
+    index: int
+    round: int
+    prompts: tuple[int, ...]  # prompt indices within the round
+
+
+def candidate_units(cfg: RunConfig) -> list[Unit]:
+    """Every batch the stage may generate, in run order: rounds, then batches within a round."""
+    bs, per_round = cfg.instructions.batch_size, prompts_per_round(cfg)
+    return [Unit(r * (per_round // bs) + b, r, tuple(range(start, start + bs)))
+            for r in range(cfg.instructions.max_rounds) for b, start in enumerate(range(0, per_round, bs))]
+
+
+def unit_of_record(cfg: RunConfig, record_id: str) -> int:
+    m = _ID.match(record_id) or _RAW_ID.match(record_id)
+    if m is None:
+        raise CaiError(f"cannot resume: record id {record_id!r} is not an instruction id")
+    per_round = prompts_per_round(cfg) // cfg.instructions.batch_size
+    return int(m.group(1)) * per_round + int(m.group(2)) // cfg.instructions.batch_size
+
+
+def generate_unit(cfg: RunConfig, gen, seeds: Sequence[dict], unit: Unit) -> list[dict[str, Any]]:
+    """The raw continuations of one unit, in prompt order: one batched `generate` call with a
+    seed per prompt, so the outputs do not depend on where or when the unit runs."""
+    ic = cfg.instructions
+    seed_sets = round_seed_sets(cfg, unit.round, len(seeds))
+    k = min(ic.seeds_per_prompt, len(seeds))
+    prompts = [formats.render_instruction_list([seeds[i]["instruction"] for i in seed_sets[j]]) for j in unit.prompts]
+    outs = gen.generate(prompts, max_new_tokens=ic.max_new_tokens, temperature=ic.temperature,
+                        stop=(formats.EXAMPLE_SEPARATOR, f"\n{k + 1 + ITEMS_PER_SAMPLE}."),
+                        seed=[derive_seed(cfg.seed, "instructions", unit.round, j) for j in unit.prompts],
+                        batch_size=ic.batch_size)
+    return [{"id": f"raw-r{unit.round:03d}-p{j:04d}", "unit": unit.index, "round": unit.round, "prompt_index": j,
+             "seed_ids": list(seed_sets[j]), "text": out.text, "stop_reason": out.stop_reason}
+            for j, out in zip(unit.prompts, outs)]
+
+
+class CandidateFilter:
+    """Parses and filters raw continuations fed in run order until the target is kept.
+
+    One object decides for an uninterrupted run, a resumed one and a merge of shards, so all
+    three keep the same candidates. `done`: records already written (a resumed run), which
+    count as kept and seed the near-duplicate index."""
+
+    def __init__(self, cfg: RunConfig, seeds: Sequence[dict], done: Sequence[dict] = ()):
+        self.cfg, self.target = cfg, target_count(cfg)
+        self.k = min(cfg.instructions.seeds_per_prompt, len(seeds))
+        self.index = NearDupIndex(cfg.instructions.dedup_threshold)
+        for text in [s["instruction"] for s in seeds] + [r["instruction"] for r in done]:
+            self.index.add(text)
+        self.done_ids = {r["id"] for r in done}
+        self.kept = len(done)
+        self.counts = Counter({"prompts": 0, "parsed": 0, **{f: 0 for f in FILTERS}, "kept": 0})
+
+    @property
+    def full(self) -> bool:
+        return self.kept >= self.target
+
+    def feed(self, raw: Sequence[dict]) -> list[dict[str, Any]]:
+        """New candidate records from one unit's raw continuations."""
+        new = []
+        self.counts["prompts"] += len(raw)
+        for out in raw:
+            items = parse_numbered_continuation(out["text"], self.k + 1, ended=out["stop_reason"] != "length")
+            for m, (item, complete) in enumerate(items[:ITEMS_PER_SAMPLE]):
+                if self.full:
+                    break
+                self.counts["parsed"] += 1
+                rid = _record_id(out["round"], out["prompt_index"], m)
+                if rid in self.done_ids:  # written before the interruption; already in the index
+                    self.counts["kept"] += 1
+                    continue
+                reason = filter_reason(item, complete, self.cfg, self.index)
+                if reason is not None:
+                    self.counts[reason] += 1
+                    continue
+                self.index.add(item)
+                self.kept += 1
+                self.counts["kept"] += 1
+                new.append({
+                    "id": rid, "instruction": item, "type": infer_type(item), "source": "model",
+                    "generation": {"round": out["round"], "prompt_index": out["prompt_index"], "item_index": m,
+                                   "stop_reason": out["stop_reason"], "seed_ids": list(out["seed_ids"])},
+                })
+        return new
+
+    def stats(self, records: Sequence[dict], rounds: int) -> dict[str, Any]:
+        """Stage stats; a shortfall after the whole budget is a CaiError with every filter's count."""
+        ic = self.cfg.instructions
+        counts = self.counts
+        if not self.full:
+            filters = ", ".join(f"{name} {counts[name]}" for name in FILTERS)
+            raise CaiError(
+                f"instructions: {self.kept} of {self.target} candidates after {ic.max_rounds} rounds "
+                f"({counts['prompts']} prompts, {counts['parsed']} items parsed; rejected: {filters}); "
+                "raise instructions.max_rounds, loosen min_words/max_words/dedup_threshold, or choose "
+                "`source: templates` explicitly")
+        return {
+            "source": "model", "target": self.target, "n_written": self.kept, "rounds": rounds,
+            "prompts_per_round": prompts_per_round(self.cfg), "items_per_sample": ITEMS_PER_SAMPLE,
+            "counts": dict(counts), "resumed_records": len(self.done_ids),
+            "types": dict(Counter(r["type"] for r in records)),
+            "dedup": {"metric": "ROUGE-L F (LCS of lowercase [a-z0-9]+ tokens)", "threshold": ic.dedup_threshold},
+        }
 
 
 def generate_instructions(cfg: RunConfig, gen, writer) -> dict[str, Any]:
     """Write `ceil(n * overgenerate)` instruction candidates to `writer`; return stats.
-    Resumes from `writer.done`. Raises CaiError when `max_rounds` cannot reach the target."""
+    Resumes from `writer.done`: units before the one holding the last written record are
+    skipped, that one is replayed. Raises CaiError when `max_rounds` cannot reach the target."""
     if cfg.instructions.source == "templates":
         return template_instructions(cfg, writer)
-    started = time.perf_counter()
-    ic = cfg.instructions
-    target = target_count(cfg)
-    seeds = load_seeds()
-    index = NearDupIndex(ic.dedup_threshold)
-    for s in seeds:
-        index.add(s["instruction"])
-    done_ids = {r["id"] for r in writer.done}
-    kept = len(writer.done)
-    for r in writer.done:
-        index.add(r["instruction"])
-    resume_at = (-1, -1)  # (round, batch) of the last written record: replay from there
-    if writer.done:
-        m = _ID.match(writer.done[-1]["id"])
-        if m is None:
-            raise CaiError(f"{writer.dir}: cannot resume: last record id {writer.done[-1]['id']!r} is not an instruction id")
-        resume_at = (int(m.group(1)), int(m.group(2)) // ic.batch_size)
-    counts = Counter({"prompts": 0, "parsed": 0, **{f: 0 for f in FILTERS}, "kept": 0})
-    k = min(ic.seeds_per_prompt, len(seeds))
-    stop = (formats.EXAMPLE_SEPARATOR, f"\n{k + 1 + ITEMS_PER_SAMPLE}.")
-    tokens_before = gen.counters.get("generated_tokens", 0) if hasattr(gen, "counters") else 0
-    rounds_run = 0
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=target, initial=kept, desc="instruction candidates", unit="inst", mininterval=1.0)
-    for round_index in range(ic.max_rounds):
-        if kept >= target:
+    started = time.perf_counter()
+    seeds = load_seeds()
+    filt = CandidateFilter(cfg, seeds, writer.done)
+    resume_at = unit_of_record(cfg, writer.done[-1]["id"]) if writer.done else -1
+    tokens_before = gen.counters.get("generated_tokens", 0) if hasattr(gen, "counters") else 0
+    rounds = 0
+    bar = tqdm(total=filt.target, initial=filt.kept, desc="instruction candidates", unit="inst", mininterval=1.0)
+    for unit in candidate_units(cfg):
+        if filt.full:
             break
-        rounds_run = round_index + 1
-        seed_sets = round_seed_sets(cfg, round_index, len(seeds))
-        for b, start in enumerate(range(0, len(seed_sets), ic.batch_size)):
-            if kept >= target:
-                break
-            if (round_index, b) < resume_at:
-                continue
-            batch = list(range(start, min(start + ic.batch_size, len(seed_sets))))
-            prompts = [formats.render_instruction_list([seeds[i]["instruction"] for i in seed_sets[j]]) for j in batch]
-            outs = gen.generate(prompts, max_new_tokens=ic.max_new_tokens, temperature=ic.temperature, stop=stop,
-                                seed=[derive_seed(cfg.seed, "instructions", round_index, j) for j in batch],
-                                batch_size=ic.batch_size)
-            counts["prompts"] += len(batch)
-            new_records = []
-            for j, out in zip(batch, outs):
-                items = parse_numbered_continuation(out.text, k + 1, ended=out.stop_reason != "length")
-                for m, (item, complete) in enumerate(items[:ITEMS_PER_SAMPLE]):
-                    if kept >= target:
-                        break
-                    counts["parsed"] += 1
-                    rid = _record_id(round_index, j, m)
-                    if rid in done_ids:  # written before the interruption; already in the index
-                        counts["kept"] += 1
-                        continue
-                    reason = filter_reason(item, complete, cfg, index)
-                    if reason is not None:
-                        counts[reason] += 1
-                        continue
-                    index.add(item)
-                    kept += 1
-                    counts["kept"] += 1
-                    new_records.append({
-                        "id": rid, "instruction": item, "type": infer_type(item), "source": "model",
-                        "generation": {"round": round_index, "prompt_index": j, "item_index": m,
-                                       "stop_reason": out.stop_reason, "seed_ids": list(seed_sets[j])},
-                    })
-            writer.extend(new_records)  # one batch at a time: a crash loses at most this batch
-            bar.update(len(new_records))
+        if unit.index < resume_at:
+            continue
+        records = filt.feed(generate_unit(cfg, gen, seeds, unit))
+        writer.extend(records)  # one unit at a time: a crash loses at most this unit
+        bar.update(len(records))
+        rounds = unit.round + 1
     bar.close()
-    stats = {
-        "source": "model", "target": target, "n_written": kept, "rounds": rounds_run,
-        "prompts_per_round": prompts_per_round(cfg), "items_per_sample": ITEMS_PER_SAMPLE,
-        "counts": dict(counts), "resumed_records": len(done_ids),
-        "types": dict(Counter(r["type"] for r in writer.done)),
-        "dedup": {"metric": "ROUGE-L F (LCS of lowercase [a-z0-9]+ tokens)", "threshold": ic.dedup_threshold},
-        "generated_tokens": (gen.counters.get("generated_tokens", 0) - tokens_before) if hasattr(gen, "counters") else None,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    if kept < target:
-        filters = ", ".join(f"{name} {counts[name]}" for name in FILTERS)
-        raise CaiError(
-            f"instructions: {kept} of {target} candidates after {ic.max_rounds} rounds "
-            f"({counts['prompts']} prompts, {counts['parsed']} items parsed; rejected: {filters}); "
-            "raise instructions.max_rounds, loosen min_words/max_words/dedup_threshold, or choose "
-            "`source: templates` explicitly")
+    stats = filt.stats(writer.done, rounds)
+    stats["generated_tokens"] = (gen.counters.get("generated_tokens", 0) - tokens_before) if hasattr(gen, "counters") else None
+    stats["seconds"] = round(time.perf_counter() - started, 3)
     return stats
+
+
+def generate_candidate_shard(cfg: RunConfig, gen, writer, shard, siblings: Sequence[Path], *,
+                             log=print, poll_seconds: float = 2.0) -> dict[str, Any]:
+    """Shard `shard`'s units of raw continuations (see `cai.pipeline.sharding`); the merge
+    feeds all shards' units to one `CandidateFilter` in run order.
+
+    How far to go is decided on the run order, not per shard: before each of its units the
+    shard feeds every unit written so far by anyone (`siblings`: the other shards'
+    directories) to a filter and stops once the target is reached before that unit. It runs
+    at most one unit per shard ahead of the slowest sibling, so the work generated past the
+    stopping point is bounded by a unit per shard."""
+    from cai.pipeline.sharding import wait_until
+    from cai.pipeline.store import peek_records
+
+    seeds = load_seeds()
+    units = candidate_units(cfg)
+    filt = CandidateFilter(cfg, seeds)
+    seen: dict[int, dict[str, dict]] = {}
+    frontier = 0  # units [0, frontier) have been fed to `filt`
+
+    def advance() -> None:
+        nonlocal frontier
+        for r in [*writer.done, *(r for d in siblings for r in peek_records(d))]:
+            seen.setdefault(r["unit"], {})[r["id"]] = r
+        while not filt.full and frontier < len(units) and len(seen.get(frontier, {})) == len(units[frontier].prompts):
+            filt.feed(sorted(seen[frontier].values(), key=lambda r: r["prompt_index"]))
+            frontier += 1
+
+    generated = []
+    for unit in units:
+        if not shard.owns(unit.index):
+            continue
+
+        def blocking() -> str | None:
+            advance()
+            if filt.full or frontier >= unit.index - shard.count + 1:
+                return None
+            return f"unit {frontier} (shard {frontier % shard.count}) before this shard's unit {unit.index}"
+
+        wait_until(blocking, what="candidate units of other shards", log=log, poll_seconds=poll_seconds)
+        if filt.full:
+            break
+        done_ids = {r["id"] for r in seen.get(unit.index, {}).values()}
+        raw = generate_unit(cfg, gen, seeds, unit)
+        writer.extend(r for r in raw if r["id"] not in done_ids)  # a resumed shard replays its last unit
+        generated.append(unit.index)
+    return {"units": generated, "raw_records": len(writer.done), "stopped_full": filt.full,
+            "kept_when_stopped": filt.kept}
+
+
+def merge_candidates(cfg: RunConfig, raw: Sequence[dict], shard_count: int) -> tuple[list[dict], dict[str, Any]]:
+    """The candidates of an unsharded run from all shards' raw continuations: units fed in
+    run order until the target is kept. A unit missing before that point is an error."""
+    units = candidate_units(cfg)
+    by_unit: dict[int, list[dict]] = {}
+    for r in raw:
+        by_unit.setdefault(r["unit"], []).append(r)
+    filt = CandidateFilter(cfg, load_seeds())
+    records, rounds = [], 0
+    for unit in units:
+        if filt.full:
+            break
+        got = sorted(by_unit.get(unit.index, []), key=lambda r: r["prompt_index"])
+        if [r["prompt_index"] for r in got] != list(unit.prompts):
+            raise CaiError(f"candidates: unit {unit.index} is missing from the shards (shard {unit.index % shard_count} "
+                           f"of {shard_count} wrote {len(got)} of its {len(unit.prompts)} prompts) although the "
+                           "target was not reached before it; rerun that shard")
+        records += filt.feed(got)
+        rounds = unit.round + 1
+    return records, filt.stats(records, rounds)
 
 
 # ---------------------------------------------------------------------------- templates

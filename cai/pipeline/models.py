@@ -388,12 +388,15 @@ class ModelSlot:
             with slot.use("sft"):
                 ...
     Leaving the slot drops the model, collects garbage, empties the CUDA cache and records
-    peak memory in `slot.memory`.
+    peak memory in `slot.memory`. `shard` ("I-of-N") marks the loads of a `--shard` process:
+    shards of one split hold their models side by side by design (one per device), and the
+    run-level sequencing check allows exactly that.
     """
 
-    def __init__(self, model_cfg: ModelConfig, label: str = "base"):
+    def __init__(self, model_cfg: ModelConfig, label: str = "base", shard: str | None = None):
         self.model_cfg = model_cfg
         self.label = label
+        self.shard = shard
         self.loaded: LoadedModel | None = None
         self.adapters: dict[str, str] = {}
         self.memory: dict[str, float] = {}
@@ -405,7 +408,8 @@ class ModelSlot:
             torch.cuda.reset_peak_memory_stats()
         self.memory["rss_before_mb"] = round(rss_mb(), 1)
         self.loaded = load_model(self.model_cfg)
-        SLOT_EVENTS.append({"event": "load", "label": self.label, "source": self.model_cfg.source, "time": time.time()})
+        SLOT_EVENTS.append({"event": "load", "label": self.label, "source": self.model_cfg.source, "time": time.time(),
+                            "shard": self.shard})
         return self
 
     @property
@@ -462,4 +466,4 @@ class ModelSlot:
             torch.cuda.empty_cache()
         self.memory["rss_after_mb"] = round(rss_mb(), 1)
         SLOT_EVENTS.append({"event": "release", "label": self.label, "source": self.model_cfg.source,
-                            "time": time.time(), "memory": dict(self.memory)})
+                            "time": time.time(), "memory": dict(self.memory), "shard": self.shard})

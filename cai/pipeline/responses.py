@@ -114,15 +114,30 @@ def select(table: dict[tuple[int, int], critic.Judgement], k: int) -> tuple[int,
     return chosen, scores
 
 
-def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer) -> dict[str, Any]:
-    """Write one SFT record per instruction (skipping ids already in `writer.done`); return stats.
-    Instructions with no usable candidate are dropped and counted (`dropped`), never silently."""
+def response_units(cfg: RunConfig, n_instructions: int) -> list[range]:
+    """Instructions generated together (one chunk of `responses.batch_size`): the unit of
+    resume and sharding. Fixed by the config, so a unit's outputs are the same wherever and
+    whenever it runs (the batch composition, not only the seeds, decides the floats)."""
+    bs = cfg.responses.batch_size
+    return [range(start, min(start + bs, n_instructions)) for start in range(0, n_instructions, bs)]
+
+
+def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, shard=None) -> dict[str, Any]:
+    """Write one SFT record per instruction, unit by unit (with `shard`, only its units); return stats.
+    Resumes from `writer.done`: units before the one holding the last written record are
+    skipped, that one is replayed and only its missing records written. Instructions with no
+    usable candidate are dropped and counted (`dropped`), never silently."""
     started = time.perf_counter()
     rc = cfg.responses
     examples = load_fewshot_examples()
     stop = formats.stop_sequences(cfg.format)
     done_ids = {r["id"] for r in writer.done}
-    todo = [r for r in instructions if r["id"] not in done_ids]
+    position = {r["id"]: i for i, r in enumerate(instructions)}
+    if writer.done and writer.done[-1]["id"] not in position:
+        raise CaiError(f"{writer.dir}: cannot resume: record {writer.done[-1]['id']!r} is not one of the instructions")
+    resume_from = position[writer.done[-1]["id"]] // rc.batch_size if writer.done else 0
+    units = [(u, unit) for u, unit in enumerate(response_units(cfg, len(instructions)))
+             if u >= resume_from and (shard is None or shard.owns(u))]
     stats: Counter = Counter()
     stop_reasons: Counter = Counter()
     unusable: Counter = Counter()
@@ -131,8 +146,8 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer) -> 
     n = rc.n_candidates
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(todo), rc.batch_size), desc="responses", unit="batch", mininterval=1.0):
-        chunk = todo[start:start + rc.batch_size]
+    for _, unit in tqdm(units, desc="responses", unit="batch", mininterval=1.0):
+        chunk = [instructions[i] for i in unit]
         prompts, seeds, shas = [], [], []
         for rec in chunk:
             prompt, sha = fewshot_prompt(cfg, rec["instruction"], fewshot_for(cfg, rec["id"], rec["instruction"], examples))
@@ -198,10 +213,11 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer) -> 
                 "source": rec.get("source"),
             })
             stats["written"] += 1
-        writer.extend(records)  # one chunk at a time: a crash loses at most this chunk
+        writer.extend(r for r in records if r["id"] not in done_ids)  # a crash loses at most this unit
     forward = (gen.counters.get("scored_prompts", 0) - passes_before) if hasattr(gen, "counters") else None
     return {
-        "instructions_in": len(instructions), "resumed_records": len(done_ids), "processed": stats["instructions"],
+        "instructions_in": len(instructions), "units": [u for u, _ in units], "resumed_records": len(done_ids),
+        "processed": stats["instructions"],
         "written": stats["written"], "n_records": len(writer.done),
         "dropped": {"no_usable_candidate": stats["dropped_no_usable_candidate"]},
         "candidates": {"per_instruction": n, "stop_reasons": dict(stop_reasons), "unusable": dict(unusable)},

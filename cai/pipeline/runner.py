@@ -9,18 +9,19 @@ plus adapters). A failed error-severity invariant stops the run with exit 1.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cai.config import RunConfig, load_config
-from cai.errors import BadInputError, CaiError, InvariantError
+from cai.errors import ArtifactError, BadInputError, CaiError, InvariantError
 from cai.harness.session import VOID_EXIT_CODE
 from cai.invariants.base import Result, Severity, Status, raise_on_failures
-from cai.pipeline.store import MANIFEST, ArtifactWriter, input_entry, read_artifact, read_manifest, write_json_atomic
+from cai.pipeline.sharding import Shard, complete_shards, existing_shards, run_lock, shard_dir, wait_until
+from cai.pipeline.store import (MANIFEST, Artifact, ArtifactWriter, input_entry, read_artifact, read_manifest,
+                                write_json_atomic)
 
 STAGES = ("candidates", "instructions", "responses", "pairs", "sft", "dpo", "eval")
 
@@ -53,6 +54,14 @@ class Run:
         self.save()
 
     def save(self) -> None:
+        """Write run.json, keeping what other processes (the shards of a split) recorded since
+        this one read it: their stages and their slot events."""
+        if self.index_path.is_file():
+            disk = json.loads(self.index_path.read_text())
+            self.index["stages"] = {**disk.get("stages", {}), **self.index["stages"]}
+            seen = {json.dumps(e, sort_keys=True) for e in disk.get("slot_events", [])}
+            self.index["slot_events"] = disk.get("slot_events", []) + [
+                e for e in self.index.get("slot_events", []) if json.dumps(e, sort_keys=True) not in seen]
         write_json_atomic(self.index_path, self.index)
 
     def record_slot_events(self) -> None:
@@ -73,10 +82,13 @@ class Run:
         read_artifact(self.stage_dir(stage))  # verifies hashes and certification, raises otherwise
         return True
 
-    def writer(self, stage: str, inputs: list[str], shard_size: int = 1000) -> ArtifactWriter:
-        return ArtifactWriter(self.stage_dir(stage), stage, config_hash=self.cfg.hash(), seed=self.cfg.seed,
-                              inputs=[input_entry(self.stage_dir(s)) for s in inputs], shard_size=shard_size,
-                              resume=True)
+    def writer(self, stage: str, inputs: list[str], *, directory: Path | None = None,
+               extra_inputs: tuple[Path, ...] = ()) -> ArtifactWriter:
+        """The stage's artifact (or, with `directory`, a shard of it); `inputs` are stages,
+        `extra_inputs` further artifact directories (the shards a merge reads)."""
+        entries = [input_entry(self.stage_dir(s)) for s in inputs] + [input_entry(d) for d in extra_inputs]
+        return ArtifactWriter(directory or self.stage_dir(stage), stage, config_hash=self.cfg.hash(), seed=self.cfg.seed,
+                              inputs=entries, resume=True)
 
     def finish(self, stage: str, writer: ArtifactWriter, results: list[Result], **manifest_fields) -> dict:
         from cai.invariants.memory import memory_snapshot
@@ -130,15 +142,18 @@ def stage_instructions(run: Run, slot, gen) -> None:
     candidates = records_of(run, "candidates")
     writer = run.writer("instructions", ["candidates"])
     kept, stats = filter_instructions(run.cfg, gen, candidates)
+    run.finish("instructions", writer, [], model=slot.provenance, extra=write_instructions(run, writer, kept, stats))
+
+
+def write_instructions(run: Run, writer: ArtifactWriter, kept: list[dict], stats: dict) -> dict:
+    """The critic's selection written (its manifest fields returned), or a CaiError when it
+    keeps fewer than asked."""
     if stats["short_by"]:
-        raise CaiError(f"critic kept {stats['n_kept']} of {len(candidates)} candidates, {run.cfg.instructions.n} asked "
-                       f"(confident: {stats.get('n_confident', '-')}, threshold {run.cfg.critic.threshold}); "
+        raise CaiError(f"critic kept {stats['n_kept']} of {stats['n_candidates']} candidates, {run.cfg.instructions.n} "
+                       f"asked (confident: {stats.get('n_confident', '-')}, threshold {run.cfg.critic.threshold}); "
                        "raise instructions.overgenerate or lower critic.threshold")
-    if not writer.done:
-        writer.extend(kept)
-    margins = [r["critic"]["margin"] for r in kept if r.get("critic")]
-    run.finish("instructions", writer, [], model=slot.provenance,
-               extra={"critic": stats, "critic_margins": margins})
+    write_missing(writer, kept)
+    return {"critic": stats, "critic_margins": [r["critic"]["margin"] for r in kept if r.get("critic")]}
 
 
 def stage_responses(run: Run, slot, gen) -> None:
@@ -228,6 +243,167 @@ DATA_STAGES = {"candidates": stage_candidates, "instructions": stage_instruction
 MODEL_STAGES = {"sft": stage_sft, "dpo": stage_dpo, "eval": stage_eval}
 
 
+# --------------------------------------------------------------------------- sharded data stages
+# `--shard I/N` (see cai.pipeline.sharding): a shard writes RUN/shards/STAGE/I-of-N, the merge
+# turns all N into RUN/STAGE. `pairs` needs no model work and runs once, after the merge.
+
+
+def shard_candidates(run: Run, gen, shard: Shard, writer: ArtifactWriter) -> dict:
+    from cai.pipeline.instructions import generate_candidate_shard
+
+    if run.cfg.instructions.source == "templates":
+        return {"units": [], "note": "source: templates: nothing to generate; the merge writes them"}
+    siblings = [shard_dir(run.out, "candidates", Shard(i, shard.count)) for i in range(shard.count) if i != shard.index]
+    return generate_candidate_shard(run.cfg, gen, writer, shard, siblings, log=log)
+
+
+def merge_candidates(run: Run, slot, shards: list[Artifact], writer: ArtifactWriter) -> tuple[list[Result], dict]:
+    from cai.pipeline import instructions
+
+    if run.cfg.instructions.source == "templates":
+        return [], {"instructions": instructions.template_instructions(run.cfg, writer)}
+    records, stats = instructions.merge_candidates(run.cfg, [r for a in shards for r in a.records()], len(shards))
+    write_missing(writer, records)
+    return [], {"instructions": stats}
+
+
+def shard_instructions(run: Run, gen, shard: Shard, writer: ArtifactWriter) -> dict:
+    from dataclasses import asdict
+
+    from cai.pipeline.critic import judge_candidates
+
+    if not run.cfg.critic.enabled:
+        return {"judged": 0, "note": "critic.enabled: false: nothing to judge"}
+    judgements = judge_candidates(run.cfg, gen, records_of(run, "candidates"), shard)
+    write_missing(writer, [{"id": cid, "judgement": asdict(j)} for cid, j in judgements.items()])  # full precision
+    return {"judged": len(judgements)}
+
+
+def merge_instructions(run: Run, slot, shards: list[Artifact], writer: ArtifactWriter) -> tuple[list[Result], dict]:
+    from cai.pipeline.critic import Judgement, select_instructions
+
+    judgements = {r["id"]: Judgement(**r["judgement"]) for a in shards for r in a.records()}
+    kept, stats = select_instructions(run.cfg, records_of(run, "candidates"), judgements)
+    return [], write_instructions(run, writer, kept, stats)
+
+
+def shard_responses(run: Run, gen, shard: Shard, writer: ArtifactWriter) -> dict:
+    from cai.pipeline.responses import run_responses
+
+    return run_responses(run.cfg, gen, records_of(run, "instructions"), writer, shard)
+
+
+def merge_responses(run: Run, slot, shards: list[Artifact], writer: ArtifactWriter) -> tuple[list[Result], dict]:
+    order = {r["id"]: i for i, r in enumerate(records_of(run, "instructions"))}
+    records = sorted((r for a in shards for r in a.records()), key=lambda r: order[r["id"]])
+    write_missing(writer, records)
+    return data_results(run, "sft", writer.done, slot), {"responses": {"n_records": len(records)}}
+
+
+def write_missing(writer: ArtifactWriter, records: list[dict]) -> None:
+    """Append the records not yet written (a resumed writer keeps what survived). Duplicate
+    ids among `records` mean two units produced the same record: refused."""
+    ids = [r["id"] for r in records]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ArtifactError(f"{writer.dir}: record id {dup!r} comes from more than one unit of work")
+    done = {r["id"] for r in writer.done}
+    writer.extend(r for r in records if r["id"] not in done)
+
+
+def shard_summary(shards: list[Artifact]) -> dict:
+    return {"count": len(shards), "shards": [{"dir": a.dir.name, "records": a.manifest["outputs"]["records"],
+                                               "seconds": a.manifest["timings"]["wall_seconds"]} for a in shards]}
+
+
+SHARDED_STAGES = {"candidates": (shard_candidates, merge_candidates, []),
+                  "instructions": (shard_instructions, merge_instructions, ["candidates"]),
+                  "responses": (shard_responses, merge_responses, ["instructions"])}
+
+
+def run_shard(run: Run, slot, gen, stage: str, shard: Shard) -> None:
+    """This process's shard of `stage` (resumable); nothing to do when it is complete."""
+    from cai.invariants.memory import memory_snapshot
+
+    directory = shard_dir(run.out, stage, shard)
+    if (directory / MANIFEST).is_file() and read_manifest(directory).get("complete"):
+        return
+    work, _, inputs = SHARDED_STAGES[stage]
+    log(f"stage {stage}: shard {shard.name}")
+    writer = run.writer(stage, inputs, directory=directory)
+    stats = work(run, gen, shard, writer)
+    writer.finalize(model=slot.provenance, memory=memory_snapshot(events_since=run.slot_events_mark),
+                    extra={"shard": shard.to_json(), stage: stats})
+
+
+def merge_shards(run: Run, slot, stage: str, count: int, *, wait: bool) -> None:
+    """Merge the N shards of `stage` into its artifact once all are complete (under the run
+    lock; whichever process gets there first). `wait`: poll until then, else an error naming
+    the shards still missing."""
+
+    def attempt() -> str | None:
+        with run_lock(run.out):
+            if run.is_done(stage):
+                return None
+            dirs, missing = complete_shards(run.out, stage, count)
+            if missing:
+                return f"shard(s) {', '.join(missing)} of {stage}"
+            shards = [read_artifact(d) for d in dirs]
+            _, merge, inputs = SHARDED_STAGES[stage]
+            upstream = [input_entry(run.stage_dir(s))["manifest_sha256"] for s in inputs]
+            for a in shards:
+                if a.manifest.get("config_hash") != run.cfg.hash():
+                    raise ArtifactError(f"{a.dir}: written under another config (hash {str(a.manifest.get('config_hash'))[:12]})")
+                if [i["manifest_sha256"] for i in a.manifest.get("inputs", [])] != upstream:
+                    raise ArtifactError(f"{a.dir}: made from another {', '.join(inputs)} artifact than {run.out}'s; "
+                                        "remove the shard and run it again")
+            log(f"stage {stage}: merging {count} shard(s)")
+            writer = run.writer(stage, inputs, extra_inputs=tuple(dirs))
+            results, extra = merge(run, slot, shards, writer)
+            run.finish(stage, writer, results, model=slot.provenance, extra={**extra, "sharded": shard_summary(shards)})
+            return None
+
+    if wait:
+        wait_until(attempt, what=f"the other shards of {stage}", log=log)
+    elif (missing := attempt()) is not None:
+        raise ArtifactError(f"{run.out}: {missing} not complete; finish with `cai run CONFIG --out {run.out} "
+                            f"--shard I/{count}` for each, then merge")
+
+
+def run_sharded(cfg: RunConfig, out: Path, shard: Shard) -> None:
+    """Shard I of N of the data stages, each stage merged before the next starts; training
+    and evaluation are left to an unsharded `cai run --resume` of the same directory."""
+    from cai.invariants import evaluate, offline_invariants
+    from cai.pipeline.generation import HFGenerator
+    from cai.pipeline.models import SLOT_EVENTS, ModelSlot
+
+    check_model_source(cfg)
+    with run_lock(out):
+        run = Run(cfg, out, resume=True)  # every shard process opens the same run directory
+    todo = [s for s in DATA_STAGES if not run.is_done(s)]
+    if not todo:
+        log(f"{out}: the data stages are already complete")
+        return
+    raise_on_failures(evaluate(offline_invariants(cfg.model), None))
+    log(f"run {cfg.name} -> {out}, shard {shard.name} (data stages to run: {', '.join(todo)})")
+    run.slot_events_mark = len(SLOT_EVENTS)
+    with ModelSlot(cfg.model, label="data", shard=shard.name) as slot:
+        gen = HFGenerator(slot.model, slot.tokenizer, batch_size=cfg.responses.batch_size)
+        for stage in DATA_STAGES:
+            if stage in SHARDED_STAGES:
+                if not run.is_done(stage):
+                    run_shard(run, slot, gen, stage, shard)
+                merge_shards(run, slot, stage, shard.count, wait=True)
+            else:
+                with run_lock(out):
+                    if not run.is_done(stage):
+                        log(f"stage {stage}")
+                        DATA_STAGES[stage](run, slot, gen)
+        del gen
+    with run_lock(out):
+        run.record_slot_events()
+
+
 def run_stages(run: Run, todo: list[str]) -> None:
     """Data stages share one slot (the base model generates and judges); each training stage
     and the evaluation get their own, released before the next loads."""
@@ -241,6 +417,10 @@ def run_stages(run: Run, todo: list[str]) -> None:
         with ModelSlot(run.cfg.model, label="data") as slot:
             gen = HFGenerator(slot.model, slot.tokenizer, batch_size=run.cfg.responses.batch_size)
             for stage in data:
+                split = existing_shards(run.out, stage) if stage in SHARDED_STAGES else {}
+                if split:  # a sharded run continued unsharded: merge its shards, never redo or ignore them
+                    merge_shards(run, slot, stage, max(split), wait=False)
+                    continue
                 log(f"stage {stage}")
                 DATA_STAGES[stage](run, slot, gen)
             del gen  # holds the model: drop it before the slot releases
@@ -255,14 +435,20 @@ def run_stages(run: Run, todo: list[str]) -> None:
             raise_on_failures(evaluate(memory_invariants(), None))
 
 
+def check_model_source(cfg: RunConfig) -> None:
+    """A bad model source is bad input (exit 2), found before anything is written."""
+    from cai.pipeline.models import TINY_RANDOM, resolve_source, weight_files
+
+    resolved = resolve_source(cfg.model)
+    if resolved.kind != TINY_RANDOM:
+        weight_files(Path(resolved.path), cfg.model.allow_pickle)
+
+
 def run_pipeline(cfg: RunConfig, out: Path, *, resume: bool = False) -> Path:
     """Run every stage not yet complete; return the report path."""
     from cai.invariants import evaluate, offline_invariants
-    from cai.pipeline.models import TINY_RANDOM, resolve_source, weight_files
 
-    resolved = resolve_source(cfg.model)  # a bad model source is bad input (exit 2), before anything is written
-    if resolved.kind != TINY_RANDOM:
-        weight_files(Path(resolved.path), cfg.model.allow_pickle)
+    check_model_source(cfg)
     run = Run(cfg, out, resume=resume)
     todo = [s for s in STAGES if not run.is_done(s)]
     if not todo and (out / "reports" / "report.md").is_file():
@@ -294,10 +480,15 @@ def evaluate_run(out: Path) -> Path:
 def cli_main(args) -> int:
     cfg = load_config(args.config)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
-    if args.shard:
-        raise BadInputError("--shard: sharded runs are not supported by `cai run` yet; run unsharded")
+    shard = Shard.parse(args.shard) if args.shard else None
     started = time.time()
     try:
+        if shard is not None:
+            run_sharded(cfg, out, shard)
+            log(f"shard {shard.name}: data stages complete in {out} ({time.time() - started:.0f} s); "
+                f"train and evaluate with: cai run {args.config} --out {out} --resume")
+            print(out)
+            return 0
         report = run_pipeline(cfg, out, resume=args.resume)
     except InvariantError as err:
         log(str(err))

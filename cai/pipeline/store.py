@@ -284,6 +284,31 @@ def verify_hashes(directory: Path, manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
+def peek_records(directory: str | Path) -> list[dict]:
+    """Records written so far to an artifact another process may still be writing: its
+    sealed shards, then the complete lines of its open shard (a torn last line is skipped).
+    It may lag behind the writer (a shard sealed mid-read shows up on the next call), never
+    runs ahead of it. Read-only; for coordinating with a live writer, never as a stage input."""
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file():
+        return []
+    records = []
+    for name, meta in read_manifest(directory)["outputs"]["files"].items():
+        if meta.get("kind") != "file":
+            records.extend(read_jsonl(directory / name))
+    for partial in sorted((directory / DATA_DIR).glob("*.jsonl.partial")):
+        try:
+            data = partial.read_bytes()
+        except FileNotFoundError:  # sealed since the manifest was read: seen on the next peek
+            continue
+        for raw in data.split(b"\n")[:-1]:  # the piece after the last newline is torn or empty
+            try:
+                records.append(json.loads(raw))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
 def read_manifest(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     path = directory / MANIFEST
