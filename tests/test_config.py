@@ -67,3 +67,16 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "sft.lr" in lines[0] and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("shard", [[], ["--shard", "0/2"]])
+def test_cli_refuses_a_backend_it_cannot_drive(tmp_path, shard):
+    """`generation.backend: vllm` was once accepted and silently ignored (HF ran instead)."""
+    path = write(tmp_path, "model:\n  source: tiny-random\ngeneration:\n  backend: vllm\n")
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "cai.cli", "run", str(path), "--out", str(out), *shard],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "generation.backend: 'vllm' is not wired" in lines[0]
+    assert not out.exists(), "refused before anything was written"

@@ -206,7 +206,7 @@ ITEM = {"key": 7, "prompt": "Say hi.", "instruction_id_list": ["punctuation:no_c
 @pytest.mark.parametrize(
     "rows, where",
     [
-        ([ITEM, "{oops"], ":2: not valid JSON"),
+        ([ITEM, "{oops"], ":2: invalid JSON"),
         ([ITEM, [1, 2]], ":2: expected a JSON object"),
         ([{k: v for k, v in ITEM.items() if k != "kwargs"}], ":1: missing field(s) kwargs"),
         ([ITEM, ITEM], ":2: duplicate key 7"),
@@ -228,7 +228,7 @@ def test_bad_response_files_name_file_and_line(tmp_path):
     path = _write(tmp_path / "r2.jsonl", [{"response": "b"}])
     with pytest.raises(BadInputError, match=r"r2\.jsonl:1: .*key"):
         ev.load_responses(path)
-    with pytest.raises(BadInputError, match="no such file"):
+    with pytest.raises(BadInputError, match="file not found"):
         ev.load_responses(tmp_path / "absent.jsonl")
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from cai.errors import ArtifactError
 from cai.invariants.base import Result, Severity, Status
-from cai.pipeline.store import ArtifactWriter, read_artifact, read_jsonl, read_manifest
+from cai.pipeline.store import ArtifactWriter, peek_records, read_artifact, read_jsonl, read_manifest
 
 WRITER = textwrap.dedent("""
     import sys
@@ -126,3 +126,22 @@ def test_records_round_trip_through_shards(tmp_path_factory, records, shard_size
     assert list(read_artifact(out).records()) == records
     assert manifest["outputs"]["records"] == len(records)
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest, default=str))
+
+
+@given(st.integers(0, 12), st.integers(1, 5), st.binary(max_size=20).filter(lambda b: b"\n" not in b))
+def test_peek_sees_what_a_live_writer_wrote_never_more(tmp_path_factory, n, shard_size, torn):
+    """Another process's view of an artifact being written (sharded candidate generation
+    reads its siblings this way): sealed shards plus the open shard's complete lines; a torn
+    last line is not a record."""
+    directory = tmp_path_factory.mktemp("peek") / "a"
+    writer = ArtifactWriter(directory, "candidates", config_hash="h", shard_size=shard_size)
+    records = [{"id": f"r{i}", "text": "x" * i} for i in range(n)]
+    writer.extend(records)
+    assert peek_records(directory) == records
+    open_shard = sorted((directory / "data").glob("*.partial"))
+    if open_shard:
+        with open(open_shard[0], "ab") as f:
+            f.write(torn)  # a write cut by a crash or still in flight
+        assert peek_records(directory) == records
+    writer.close()
+    assert peek_records(directory / "missing") == []

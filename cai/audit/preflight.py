@@ -54,6 +54,8 @@ def compliance(cfg: RunConfig) -> list[Row]:
         Row("DPO beta in the documented range 0.1-0.3", 0.1 <= cfg.dpo.beta <= 0.3, f"dpo.beta = {cfg.dpo.beta}"),
         Row("one LoRA setting for SFT and DPO (DPO continues the SFT adapter)", cfg.sft.lora == cfg.dpo.lora,
             f"sft r={cfg.sft.lora.r} alpha={cfg.sft.lora.alpha}; dpo r={cfg.dpo.lora.r} alpha={cfg.dpo.lora.alpha}"),
+        Row("a generation backend `cai run` drives (hf; vLLM is not wired in)", cfg.generation.backend == "hf",
+            f"generation.backend = {cfg.generation.backend}"),
         Row("quantization as declared, remote code off", not cfg.model.trust_remote_code,
             f"quantization = {cfg.model.quantization}, dtype = {cfg.model.dtype}, trust_remote_code = {cfg.model.trust_remote_code}"),
     ]
@@ -100,6 +102,8 @@ def projection(cfg: RunConfig, run_dir: Path, sample: int, target: int) -> dict[
             f"training: {steps['sft']} SFT and {steps['dpo']} DPO steps (target x epochs / effective batch), at the "
             "rehearsal's seconds per step (2 steps each, including trainer start-up: an upper bound)",
             "GPU-hours = wall hours x GPUs used; the rehearsal ran on this machine's device",
+            "`cai run --shard I/N` on N devices divides the data hours by about N (units go round robin); "
+            "training is not sharded by cai (docs/multi_gpu.md)",
         ],
     }
 

@@ -155,10 +155,11 @@ def judgement_units(cfg: RunConfig, n_candidates: int) -> list[range]:
 def judge_candidates(cfg: RunConfig, gen, candidates: Sequence[dict], shard=None) -> dict[str, Judgement]:
     """Judgements of the candidates (against the anchor) by id, unit by unit; with `shard`,
     only that shard's units."""
+    from tqdm.auto import tqdm
+
+    units = [unit for u, unit in enumerate(judgement_units(cfg, len(candidates))) if shard is None or shard.owns(u)]
     out: dict[str, Judgement] = {}
-    for u, unit in enumerate(judgement_units(cfg, len(candidates))):
-        if shard is not None and not shard.owns(u):
-            continue
+    for unit in tqdm(units, desc="critic: instructions", unit="batch", mininterval=1.0):
         chunk = [candidates[i] for i in unit]
         for c, j in zip(chunk, judge_instructions(gen, [c["instruction"] for c in chunk], swap=cfg.critic.swap,
                                                   batch_size=cfg.critic.batch_size)):

@@ -182,22 +182,10 @@ def validate_item(item: dict) -> list[str]:
 
 
 def _read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; any bad line is a BadInputError."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: no such file")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise BadInputError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            if not isinstance(obj, dict):
-                raise BadInputError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append((lineno, obj))
+    """(line number, object) for each non-blank line of a user's file: bad input if bad or empty."""
+    from cai.pipeline.store import numbered_jsonl
+
+    rows = numbered_jsonl(path, error=BadInputError)
     if not rows:
         raise BadInputError(f"{path}: no records")
     return rows

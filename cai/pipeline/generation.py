@@ -20,7 +20,8 @@ softmax(logits / T); the model's own `do_sample` path is never used.
 
 All encoding goes through `models.encode_batch` (no special tokens). `VLLMGenerator`
 is the same interface over vLLM (raw prompts only, never `LLM.chat`); it is importable
-only where vLLM is installed and is untested here.
+only where vLLM is installed, untested here, and `cai run` refuses `generation.backend: vllm`
+rather than run an untested path (scale out with `--shard I/N` instead).
 """
 
 from __future__ import annotations
@@ -380,8 +381,9 @@ class VLLMGenerator:
             results.append(Generation(text, reason, n))
         return results
 
-    def next_token_logprobs(self, prompts: list[str], token_ids: Sequence[int]) -> list[list[float]]:
-        from vllm import SamplingParams
+    def next_token_logprobs(self, prompts: list[str], token_ids: Sequence[int], *,
+                            batch_size: int | None = None) -> list[list[float]]:
+        from vllm import SamplingParams  # vLLM schedules its own batches: batch_size is accepted, unused
 
         requests = [encode(self.tokenizer, p) + [t] for p in prompts for t in token_ids]
         outs = self._run(requests, [SamplingParams(max_tokens=1, prompt_logprobs=0)] * len(requests))

@@ -17,12 +17,14 @@ Generation runs in rounds until `ceil(n * overgenerate)` candidates are kept (th
 keeps the best n, see `critic.filter_instructions`); after `max_rounds` a shortfall is a
 `CaiError` listing the count at every filter, never a silently smaller dataset.
 
-Determinism and resume: round r's seed sampling uses an rng seeded by (seed, r) only, and
-each prompt samples with its own seed (seed, r, prompt index), so outputs do not depend on
-batching. Records are appended batch by batch with ids `inst-rRRR-pPPPP-iI` (round, prompt,
-item); a resumed run skips the batches before the last written record, replays that batch
-(ids already written are kept as they are) and continues, which reproduces the
-uninterrupted run exactly. `source: templates` is the explicit alternative: instructions
+Determinism, resume and sharding: round r's seed sampling uses an rng seeded by (seed, r)
+only, and each prompt samples with its own seed (seed, r, prompt index), so outputs do not
+depend on batching. The unit of work is one batch of prompts (`Unit`, one `generate` call);
+records get ids `inst-rRRR-pPPPP-iI` (round, prompt, item). One `CandidateFilter` parses and
+filters units in run order: a resumed run skips the units before the last written record and
+replays that one, and `--shard I/N` generates raw continuations per unit in N processes that
+`merge_candidates` feeds to the same filter, so all three keep the candidates of an
+uninterrupted run. `source: templates` is the explicit alternative: instructions
 from a small template set, every record labelled `source: "templates"`.
 """
 
@@ -430,6 +432,10 @@ def generate_candidate_shard(cfg: RunConfig, gen, writer, shard, siblings: Seque
             filt.feed(sorted(seen[frontier].values(), key=lambda r: r["prompt_index"]))
             frontier += 1
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=filt.target, desc=f"instruction candidates (all shards, seen by {shard.name})", unit="inst",
+               mininterval=1.0)
     generated = []
     for unit in units:
         if not shard.owns(unit.index):
@@ -437,6 +443,7 @@ def generate_candidate_shard(cfg: RunConfig, gen, writer, shard, siblings: Seque
 
         def blocking() -> str | None:
             advance()
+            bar.update(filt.kept - bar.n)
             if filt.full or frontier >= unit.index - shard.count + 1:
                 return None
             return f"unit {frontier} (shard {frontier % shard.count}) before this shard's unit {unit.index}"
@@ -448,6 +455,7 @@ def generate_candidate_shard(cfg: RunConfig, gen, writer, shard, siblings: Seque
         raw = generate_unit(cfg, gen, seeds, unit)
         writer.extend(r for r in raw if r["id"] not in done_ids)  # a resumed shard replays its last unit
         generated.append(unit.index)
+    bar.close()
     return {"units": generated, "raw_records": len(writer.done), "stopped_full": filt.full,
             "kept_when_stopped": filt.kept}
 

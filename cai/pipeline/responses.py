@@ -212,8 +212,9 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
                 "fewshot_context_sha256": sha,
                 "source": rec.get("source"),
             })
-            stats["written"] += 1
-        writer.extend(r for r in records if r["id"] not in done_ids)  # a crash loses at most this unit
+        new = [r for r in records if r["id"] not in done_ids]  # a replayed unit writes only what it lacks
+        writer.extend(new)  # a crash loses at most this unit
+        stats["written"] += len(new)
     forward = (gen.counters.get("scored_prompts", 0) - passes_before) if hasattr(gen, "counters") else None
     return {
         "instructions_in": len(instructions), "units": [u for u, _ in units], "resumed_records": len(done_ids),

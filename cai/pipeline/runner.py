@@ -374,10 +374,9 @@ def run_sharded(cfg: RunConfig, out: Path, shard: Shard) -> None:
     """Shard I of N of the data stages, each stage merged before the next starts; training
     and evaluation are left to an unsharded `cai run --resume` of the same directory."""
     from cai.invariants import evaluate, offline_invariants
-    from cai.pipeline.generation import HFGenerator
     from cai.pipeline.models import SLOT_EVENTS, ModelSlot
 
-    check_model_source(cfg)
+    check_runnable(cfg)
     with run_lock(out):
         run = Run(cfg, out, resume=True)  # every shard process opens the same run directory
     todo = [s for s in DATA_STAGES if not run.is_done(s)]
@@ -388,7 +387,7 @@ def run_sharded(cfg: RunConfig, out: Path, shard: Shard) -> None:
     log(f"run {cfg.name} -> {out}, shard {shard.name} (data stages to run: {', '.join(todo)})")
     run.slot_events_mark = len(SLOT_EVENTS)
     with ModelSlot(cfg.model, label="data", shard=shard.name) as slot:
-        gen = HFGenerator(slot.model, slot.tokenizer, batch_size=cfg.responses.batch_size)
+        gen = data_generator(cfg, slot)
         for stage in DATA_STAGES:
             if stage in SHARDED_STAGES:
                 if not run.is_done(stage):
@@ -404,18 +403,24 @@ def run_sharded(cfg: RunConfig, out: Path, shard: Shard) -> None:
         run.record_slot_events()
 
 
+def data_generator(cfg: RunConfig, slot):
+    """The one generator the data stages share (HF transformers on the slot's model)."""
+    from cai.pipeline.generation import HFGenerator
+
+    return HFGenerator(slot.model, slot.tokenizer, batch_size=cfg.responses.batch_size)
+
+
 def run_stages(run: Run, todo: list[str]) -> None:
     """Data stages share one slot (the base model generates and judges); each training stage
     and the evaluation get their own, released before the next loads."""
     from cai.invariants import evaluate, memory_invariants
-    from cai.pipeline.generation import HFGenerator
     from cai.pipeline.models import SLOT_EVENTS, ModelSlot
 
     data = [s for s in DATA_STAGES if s in todo]
     if data:
         run.slot_events_mark = len(SLOT_EVENTS)
         with ModelSlot(run.cfg.model, label="data") as slot:
-            gen = HFGenerator(slot.model, slot.tokenizer, batch_size=run.cfg.responses.batch_size)
+            gen = data_generator(run.cfg, slot)
             for stage in data:
                 split = existing_shards(run.out, stage) if stage in SHARDED_STAGES else {}
                 if split:  # a sharded run continued unsharded: merge its shards, never redo or ignore them
@@ -435,9 +440,15 @@ def run_stages(run: Run, todo: list[str]) -> None:
             raise_on_failures(evaluate(memory_invariants(), None))
 
 
-def check_model_source(cfg: RunConfig) -> None:
-    """A bad model source is bad input (exit 2), found before anything is written."""
+def check_runnable(cfg: RunConfig) -> None:
+    """Bad input (exit 2) found before anything is written or loaded: a model source that
+    does not resolve, a generation backend `cai run` cannot drive."""
     from cai.pipeline.models import TINY_RANDOM, resolve_source, weight_files
+
+    if cfg.generation.backend != "hf":
+        raise BadInputError(f"generation.backend: {cfg.generation.backend!r} is not wired into `cai run` "
+                            "(VLLMGenerator exists but was never run: no vLLM on cai's development machines); "
+                            "use backend: hf, with `--shard I/N` for one process per GPU")
 
     resolved = resolve_source(cfg.model)
     if resolved.kind != TINY_RANDOM:
@@ -448,7 +459,7 @@ def run_pipeline(cfg: RunConfig, out: Path, *, resume: bool = False) -> Path:
     """Run every stage not yet complete; return the report path."""
     from cai.invariants import evaluate, offline_invariants
 
-    check_model_source(cfg)
+    check_runnable(cfg)
     run = Run(cfg, out, resume=resume)
     todo = [s for s in STAGES if not run.is_done(s)]
     if not todo and (out / "reports" / "report.md").is_file():

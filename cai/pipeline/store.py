@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from cai.errors import ArtifactError, BadInputError
+from cai.errors import ArtifactError, BadInputError, CaiError
 
 MANIFEST = "manifest.json"
 SCHEMA = "cai.artifact/1"
@@ -60,10 +60,17 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Read a JSONL file of objects; a bad line is an error naming the file and line."""
+    return [obj for _, obj in numbered_jsonl(path)]
+
+
+def numbered_jsonl(path: str | Path, error: type[CaiError] = ArtifactError) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line. A missing file is bad input; a bad
+    line raises `error` naming the file and line (an artifact's by default; user input
+    files pass BadInputError)."""
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"{path}: file not found")
-    records = []
+    rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -71,11 +78,11 @@ def read_jsonl(path: str | Path) -> list[dict]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ArtifactError(f"{path}:{lineno}: invalid JSON ({err.msg}); the line may be truncated") from None
+                raise error(f"{path}:{lineno}: invalid JSON ({err.msg}); the line may be truncated") from None
             if not isinstance(obj, dict):
-                raise ArtifactError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            records.append(obj)
-    return records
+                raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append((lineno, obj))
+    return rows
 
 
 def git_commit() -> str | None:
