@@ -98,6 +98,18 @@ def test_resume_refuses_another_config(tmp_path):
         ArtifactWriter(tmp_path, "demo", config_hash="b", resume=True)
 
 
+def test_resume_refuses_changed_inputs(tmp_path):
+    """A shard or stage interrupted, its input artifact regenerated, then resumed: the old
+    records came from the old input and must not be mixed with new ones."""
+    before = {"path": "/runs/a/instructions", "stage": "instructions", "manifest_sha256": "1" * 64}
+    after = dict(before, manifest_sha256="2" * 64)
+    ArtifactWriter(tmp_path / "x", "responses", config_hash="a", inputs=[before]).append({"id": 0})
+    with pytest.raises(ArtifactError, match="other input artifacts"):
+        ArtifactWriter(tmp_path / "x", "responses", config_hash="a", inputs=[after], resume=True)
+    moved = dict(before, path="/elsewhere/instructions")  # the same input in a moved run directory
+    assert len(ArtifactWriter(tmp_path / "x", "responses", config_hash="a", inputs=[moved], resume=True).done) == 1
+
+
 def test_existing_artifact_is_never_overwritten(tmp_path):
     ArtifactWriter(tmp_path, "demo", config_hash="a").finalize()
     with pytest.raises(ArtifactError, match="already exists"):

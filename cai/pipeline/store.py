@@ -150,6 +150,12 @@ class ArtifactWriter:
                                 "resume needs the same config")
         if old.get("complete"):
             raise ArtifactError(f"{self.dir}: artifact is already complete")
+        def identity(inputs):  # not the paths: a moved run directory still resumes
+            return [(i.get("stage"), i.get("manifest_sha256")) for i in inputs or []]
+
+        if identity(old.get("inputs")) != identity(self.manifest["inputs"]):
+            raise ArtifactError(f"{self.dir}: was started from other input artifacts than now "
+                                "(an input changed since); remove it to start over from the current inputs")
         self.manifest = old
         for name, meta in old["outputs"]["files"].items():
             path = self.dir / name
@@ -294,8 +300,9 @@ def verify_hashes(directory: Path, manifest: dict[str, Any]) -> list[str]:
 def peek_records(directory: str | Path) -> list[dict]:
     """Records written so far to an artifact another process may still be writing: its
     sealed shards, then the complete lines of its open shard (a torn last line is skipped).
-    It may lag behind the writer (a shard sealed mid-read shows up on the next call), never
-    runs ahead of it. Read-only; for coordinating with a live writer, never as a stage input."""
+    It may miss records the writer has written (a shard sealed mid-read shows up on the next
+    call) and never returns a record it has not. Read-only; for coordinating with a live
+    writer, never as a stage input."""
     directory = Path(directory)
     if not (directory / MANIFEST).is_file():
         return []
