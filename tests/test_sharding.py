@@ -143,6 +143,17 @@ def test_work_was_split_and_the_merge_certified(runs):
     assert set(run_index["stages"]) == set(DATA)
 
 
+def test_merged_stats_are_the_unsharded_stats(runs):
+    """Counts summed over shards and rates recomputed: what an unsharded manifest says."""
+    ref = read_manifest(runs["reference"] / "responses")["extra"]["responses"]
+    merged = read_manifest(runs["sharded"] / "responses")["extra"]["responses"]
+    for key in ("instructions_in", "processed", "n_records", "dropped"):
+        assert merged[key] == ref[key], key
+    assert merged["candidates"]["stop_reasons"] == ref["candidates"]["stop_reasons"]
+    for key in ("judgements", "disagreements", "disagreement_rate", "chosen_margin"):
+        assert merged["critic"][key] == ref["critic"][key], key
+
+
 def test_sharded_run_passes_cai_check(runs):
     proc = subprocess.run([sys.executable, "-m", "cai", "check", str(runs["sharded"])], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -195,3 +206,50 @@ def test_merge_refuses_shards_split_two_ways(runs, tmp_path):
     run = Run(RunConfig.model_validate(CONFIG), out, resume=True)
     with pytest.raises(ArtifactError, match=r"shards of N=\[3\] next to N=2"):
         merge_shards(run, None, "responses", 2, wait=False)
+
+
+# --------------------------------------------------------------------------- who may use a run directory
+
+
+def _cli(config: dict, out: Path, *args: str) -> subprocess.CompletedProcess:
+    path = out.parent / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "cai", "run", str(path), "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+TINY = dict(CONFIG, model={"source": "tiny-random"})
+
+
+@pytest.mark.parametrize("held, args, message", [
+    (Shard(0, 2), ["--shard", "0/2"], "shard 0/2 is already running in another process"),
+    (Shard(1, 2), ["--resume"], "another cai process (a shard, or a second `cai run`) is using this run directory"),
+    (None, ["--shard", "1/2"], "an unsharded `cai run` is using this run directory"),
+    (Shard(0, 2), ["--shard", "0/3"], "its data stages are split into N=[2]; --shard 0/3 would split them another way"),
+])
+def test_a_run_directory_is_claimed(tmp_path, held, args, message):
+    """Claims are real flocks held by this test process; the CLI is a second process and
+    must refuse, in one line, before loading anything."""
+    from cai.pipeline.sharding import claim
+
+    out = tmp_path / "run"
+    with claim(out, held):
+        proc = _cli(TINY, out, *args)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert message in proc.stderr
+
+
+def test_a_killed_process_leaves_no_claim(tmp_path):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from cai.pipeline.sharding import Shard, claim\n"
+                               "with claim(Path(sys.argv[1]), Shard(0, 2)):\n print('held', flush=True); time.sleep(600)",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert "already running" in _cli(TINY, out, "--shard", "0/2").stderr
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    from cai.pipeline.sharding import claim
+
+    with claim(out, Shard(0, 2)):  # the kernel dropped the dead process's flock
+        pass

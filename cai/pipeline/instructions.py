@@ -452,6 +452,9 @@ def generate_candidate_shard(cfg: RunConfig, gen, writer, shard, siblings: Seque
         if filt.full:
             break
         done_ids = {r["id"] for r in seen.get(unit.index, {}).values()}
+        if len(done_ids) == len(unit.prompts):  # finished before a restart
+            generated.append(unit.index)
+            continue
         raw = generate_unit(cfg, gen, seeds, unit)
         writer.extend(r for r in raw if r["id"] not in done_ids)  # a resumed shard replays its last unit
         generated.append(unit.index)

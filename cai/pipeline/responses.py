@@ -141,7 +141,7 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
     stats: Counter = Counter()
     stop_reasons: Counter = Counter()
     unusable: Counter = Counter()
-    chosen_margins, disagreements, judged = [], 0, 0
+    disagreements, judged = 0, 0
     passes_before = gen.counters.get("scored_prompts", 0) if hasattr(gen, "counters") else 0
     n = rc.n_candidates
     from tqdm.auto import tqdm
@@ -191,7 +191,6 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
                 disagreements += sum(j.disagree for j in table.values())
                 selection = "critic_round_robin"
                 margin = local_scores[local_chosen]
-                chosen_margins.append(margin)
             else:
                 chosen = idx[0]
                 selection = "first_usable (critic off)" if not cfg.critic.enabled else "only_usable_candidate"
@@ -223,8 +222,44 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
         "dropped": {"no_usable_candidate": stats["dropped_no_usable_candidate"]},
         "candidates": {"per_instruction": n, "stop_reasons": dict(stop_reasons), "unusable": dict(unusable)},
         "critic": {"enabled": cfg.critic.enabled, "selection": "round robin, mean combined margin",
-                   "judgements": judged, "forward_passes": forward,
+                   "judgements": judged, "disagreements": disagreements, "forward_passes": forward,
                    "disagreement_rate": round(disagreements / judged, 4) if judged else None,
-                   "chosen_margin": critic.margin_stats(chosen_margins)},
+                   "chosen_margin": chosen_margin_stats(writer.done)},
         "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def chosen_margin_stats(records: Sequence[dict]) -> dict[str, Any]:
+    """The chosen responses' critic margins as stored (rounded), over every record of the
+    artifact: a resumed stage and a merge of shards report what an uninterrupted run does."""
+    return critic.margin_stats([r["critic_margin"] for r in records if r.get("critic_margin") is not None])
+
+
+def combine_stats(parts: Sequence[dict], records: Sequence[dict]) -> dict[str, Any]:
+    """One stage's stats from its shards' (`run_responses` of each), for the merged manifest:
+    counts summed, rates recomputed from the sums, margins from the merged records."""
+    def total(*keys: str) -> int:
+        out = 0
+        for value in parts:
+            for k in keys:
+                value = value.get(k) if isinstance(value, dict) else None
+            out += value if isinstance(value, (int, float)) else 0
+        return out
+
+    def counter(*keys: str) -> dict[str, int]:
+        c: Counter = Counter()
+        for p in parts:
+            c.update(p.get(keys[0], {}).get(keys[1], {}))
+        return dict(c)
+
+    judged, disagreements = total("critic", "judgements"), total("critic", "disagreements")
+    return {
+        "instructions_in": parts[0]["instructions_in"] if parts else 0, "processed": total("processed"),
+        "n_records": len(records), "dropped": {"no_usable_candidate": total("dropped", "no_usable_candidate")},
+        "candidates": {"per_instruction": parts[0]["candidates"]["per_instruction"] if parts else None,
+                       "stop_reasons": counter("candidates", "stop_reasons"), "unusable": counter("candidates", "unusable")},
+        "critic": {"judgements": judged, "disagreements": disagreements, "forward_passes": total("critic", "forward_passes"),
+                   "disagreement_rate": round(disagreements / judged, 4) if judged else None,
+                   "chosen_margin": chosen_margin_stats(records)},
+        "seconds_per_shard": [p.get("seconds") for p in parts],
     }

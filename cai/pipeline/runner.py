@@ -19,7 +19,8 @@ from cai.config import RunConfig, load_config
 from cai.errors import ArtifactError, BadInputError, CaiError, InvariantError
 from cai.harness.session import VOID_EXIT_CODE
 from cai.invariants.base import Result, Severity, Status, raise_on_failures
-from cai.pipeline.sharding import Shard, complete_shards, existing_shards, run_lock, shard_dir, wait_until
+from cai.pipeline.sharding import (LOCK_FILE, OWNER_LOCK, Shard, claim, complete_shards, existing_shards, run_lock,
+                                   shard_dir, wait_until)
 from cai.pipeline.store import (MANIFEST, Artifact, ArtifactWriter, input_entry, read_artifact, read_manifest,
                                 write_json_atomic)
 
@@ -37,7 +38,7 @@ class Run:
         self.cfg, self.out, self.resume = cfg, out, resume
         self.index_path = out / "run.json"
         self.slot_events_mark = 0  # SLOT_EVENTS index when the current stage's slot opened
-        if out.exists() and any(out.iterdir()) and not resume:
+        if out.exists() and any(p.name not in (LOCK_FILE, OWNER_LOCK) for p in out.iterdir()) and not resume:
             raise BadInputError(f"{out}: run directory exists and is not empty (use --resume or another --out)")
         if resume and self.index_path.is_file():
             index = json.loads(self.index_path.read_text())
@@ -79,7 +80,10 @@ class Run:
         path = self.stage_dir(stage) / MANIFEST
         if not path.is_file() or not read_manifest(self.stage_dir(stage)).get("complete"):
             return False
-        read_artifact(self.stage_dir(stage))  # verifies hashes and certification, raises otherwise
+        manifest = read_artifact(self.stage_dir(stage)).manifest  # verifies hashes and certification
+        self.index["stages"].setdefault(stage, {  # a process killed between finalize and save left no entry
+            "dir": stage, "certified": manifest["certified"], "records": manifest["outputs"]["records"],
+            "seconds": manifest["timings"]["wall_seconds"]})
         return True
 
     def writer(self, stage: str, inputs: list[str], *, directory: Path | None = None,
@@ -294,10 +298,13 @@ def shard_responses(run: Run, gen, shard: Shard, writer: ArtifactWriter) -> dict
 
 
 def merge_responses(run: Run, slot, shards: list[Artifact], writer: ArtifactWriter) -> tuple[list[Result], dict]:
+    from cai.pipeline.responses import combine_stats
+
     order = {r["id"]: i for i, r in enumerate(records_of(run, "instructions"))}
     records = sorted((r for a in shards for r in a.records()), key=lambda r: order[r["id"]])
     write_missing(writer, records)
-    return data_results(run, "sft", writer.done, slot), {"responses": {"n_records": len(records)}}
+    stats = combine_stats([a.manifest["extra"]["responses"] for a in shards], records)
+    return data_results(run, "sft", writer.done, slot), {"responses": stats}
 
 
 def write_missing(writer: ArtifactWriter, records: list[dict]) -> None:
@@ -372,11 +379,11 @@ def merge_shards(run: Run, slot, stage: str, count: int, *, wait: bool) -> None:
 
 def run_sharded(cfg: RunConfig, out: Path, shard: Shard) -> None:
     """Shard I of N of the data stages, each stage merged before the next starts; training
-    and evaluation are left to an unsharded `cai run --resume` of the same directory."""
+    and evaluation are left to an unsharded `cai run --resume` of the same directory. The
+    caller has checked the config (`check_runnable`) and holds the shard's `claim`."""
     from cai.invariants import evaluate, offline_invariants
     from cai.pipeline.models import SLOT_EVENTS, ModelSlot
 
-    check_runnable(cfg)
     with run_lock(out):
         run = Run(cfg, out, resume=True)  # every shard process opens the same run directory
     todo = [s for s in DATA_STAGES if not run.is_done(s)]
@@ -494,13 +501,16 @@ def cli_main(args) -> int:
     shard = Shard.parse(args.shard) if args.shard else None
     started = time.time()
     try:
+        check_runnable(cfg)  # bad input is refused before the claim creates the directory
         if shard is not None:
-            run_sharded(cfg, out, shard)
+            with claim(out, shard):
+                run_sharded(cfg, out, shard)
             log(f"shard {shard.name}: data stages complete in {out} ({time.time() - started:.0f} s); "
                 f"train and evaluate with: cai run {args.config} --out {out} --resume")
             print(out)
             return 0
-        report = run_pipeline(cfg, out, resume=args.resume)
+        with claim(out, None):
+            report = run_pipeline(cfg, out, resume=args.resume)
     except InvariantError as err:
         log(str(err))
         log(f"run VOID: see {out / 'reports'}")

@@ -28,7 +28,8 @@ from typing import Callable, Iterator
 from cai.errors import ArtifactError, BadInputError
 
 SHARDS_DIR = "shards"
-LOCK_FILE = ".lock"
+LOCK_FILE = ".lock"  # short critical sections: merges, run.json updates
+OWNER_LOCK = ".owner.lock"  # held for a process's lifetime: who is using the run directory
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 _DIR = re.compile(r"^(\d+)-of-(\d+)$")
 
@@ -92,6 +93,50 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def split_counts(run_dir: Path) -> set[int]:
+    """Every N the run directory's data stages have been split into (shard dirs and claims)."""
+    root = Path(run_dir) / SHARDS_DIR
+    names = [p.name for p in root.glob("*/*") if p.is_dir()] + [p.stem for p in root.glob("*.lock")]
+    return {int(m.group(2)) for name in names if (m := _DIR.match(name))}
+
+
+@contextmanager
+def claim(run_dir: Path, shard: Shard | None) -> Iterator[None]:
+    """Hold the run directory for this process's lifetime: an unsharded `cai run` alone; a
+    shard beside its siblings, and never twice. flock claims go with the process, so a
+    killed process leaves none behind. Conflicts are bad input, found before any work."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fds: list[int] = []
+
+    def take(path: Path, mode: int, why: str) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fds.append(fd)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BadInputError(f"{run_dir}: {why}") from None
+
+    try:
+        if shard is None:
+            take(run_dir / OWNER_LOCK, fcntl.LOCK_EX,
+                 "another cai process (a shard, or a second `cai run`) is using this run directory; wait for it")
+        else:
+            take(run_dir / OWNER_LOCK, fcntl.LOCK_SH, "an unsharded `cai run` is using this run directory; wait for it")
+            with run_lock(run_dir):
+                others = sorted(split_counts(run_dir) - {shard.count})
+                if others:
+                    raise BadInputError(f"{run_dir}: its data stages are split into N={others}; --shard "
+                                        f"{shard.index}/{shard.count} would split them another way")
+                (run_dir / SHARDS_DIR).mkdir(exist_ok=True)
+                take(run_dir / SHARDS_DIR / f"{shard.name}.lock", fcntl.LOCK_EX,
+                     f"shard {shard.index}/{shard.count} is already running in another process")
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # releases the flock
 
 
 def wait_until(ready: Callable[[], str | None], *, what: str, log: Callable[[str], None], poll_seconds: float = 2.0,
