@@ -58,6 +58,8 @@ class CriticConfig(_Section):
 class ResponsesConfig(_Section):
     shots: int = Field(3, ge=0, description="in-context examples in the few-shot completion prompt")
     n_candidates: int = Field(4, ge=1, description="best-of-N samples per instruction")
+    max_rounds: int = Field(3, ge=1, description="generation budget: rounds of N samples for an instruction "
+                            "whose samples were all unusable, before the stage stops short")
     temperature: float = Field(0.7, ge=0.0)
     max_new_tokens: int = Field(96, gt=0)
     batch_size: int = Field(8, gt=0)

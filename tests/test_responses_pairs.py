@@ -16,7 +16,8 @@ from cai.pipeline import formats  # noqa: E402
 from cai.pipeline.generation import HFGenerator  # noqa: E402
 from cai.pipeline.models import ModelSlot  # noqa: E402
 from cai.pipeline.pairs import build_pairs, ignore_constraint, over_verbose, run_pairs, truncate_midway  # noqa: E402
-from cai.pipeline.responses import fewshot_for, fewshot_prompt, load_fewshot_examples, run_responses  # noqa: E402
+from cai.pipeline.responses import (fewshot_for, fewshot_prompt, load_fewshot_examples, run_responses,  # noqa: E402
+                                    shortfall_error)
 from cai.pipeline.store import ArtifactWriter  # noqa: E402
 
 INSTRUCTIONS = [
@@ -68,9 +69,32 @@ def test_responses_stop_at_the_example_boundary(sft):
         assert r["completion"].startswith(formats.COMPLETION_PREFIX) and r["completion"].strip()
         assert r["completion"] == formats.COMPLETION_PREFIX + r["candidates"][r["chosen_index"]]["text"]
         assert r["candidates"][r["chosen_index"]]["usable"] and r["stop_reason"] in {"stop", "eos"}
-        assert len(r["candidates"]) == cfg.responses.n_candidates
+        rounds = [c["round"] for c in r["candidates"]]  # N per round, a round only while none was usable
+        assert rounds == sorted(rounds) and len(rounds) == cfg.responses.n_candidates * rounds[-1]
         assert {"id", "instruction", "format", "prompt", "completion", "stop_reason", "critic_margin",
                 "candidates", "fewshot_context_sha256", "source"} <= set(r)
+
+
+def test_unusable_samples_are_resampled_within_the_budget(gen, tmp_path):
+    """At 20 new tokens most samples are cut by the length limit: one round of 3 leaves two of
+    the three instructions without a usable response, and the stage refuses to hand on the
+    smaller set; four rounds answer all three, the first round's samples unchanged."""
+    def run(max_rounds):
+        cfg = _cfg(responses={"max_new_tokens": 20, "max_rounds": max_rounds})
+        writer = ArtifactWriter(tmp_path / str(max_rounds), "responses", config_hash=cfg.hash())
+        return cfg, run_responses(cfg, gen, INSTRUCTIONS, writer), {r["id"]: r for r in writer.done}
+
+    cfg1, stats1, one = run(1)
+    err = shortfall_error(cfg1, stats1)
+    assert len(one) < len(INSTRUCTIONS) and err is not None
+    assert f"{len(INSTRUCTIONS) - len(one)} of 3 instructions got no usable candidate in 1 round(s)" in str(err)
+    assert "'truncated'" in str(err) and "\n" not in str(err)
+
+    cfg4, stats4, four = run(4)
+    assert set(four) == {i["id"] for i in INSTRUCTIONS} and shortfall_error(cfg4, stats4) is None
+    assert max(int(k.rsplit("_", 1)[1]) for k in stats4["rounds"] if k != "max") > 1
+    for rid, rec in one.items():  # answered in round 1 either way: the same record
+        assert four[rid] == rec
 
 
 def test_fewshot_context_hash(sft):

@@ -6,8 +6,9 @@ For each instruction the base model completes a URIAL-style few-shot prompt
 new instruction). Generation stops at the next example boundary
 (`formats.stop_sequences(cfg.format)`), so a completion never runs into a new
 "Instruction:" block. N = `responses.n_candidates` samples are drawn at
-`responses.temperature`; each request has its own seed (run seed, instruction id, j), so
-outputs do not depend on batching and a resumed run equals an uninterrupted one.
+`responses.temperature`; each request has its own seed (run seed, instruction id, j, round),
+so outputs do not depend on batching and a resumed run equals an uninterrupted one. An
+instruction whose N samples are all unusable gets N more, up to `responses.max_rounds`.
 
 Selection (round robin): every pair of usable candidates is judged once by the A/B
 response critic (with swap when `critic.swap`); a candidate's score is its mean combined
@@ -114,6 +115,28 @@ def select(table: dict[tuple[int, int], critic.Judgement], k: int) -> tuple[int,
     return chosen, scores
 
 
+def candidate_seed(cfg: RunConfig, record_id: str, j: int, attempt: int) -> int:
+    """Sample j of an instruction in resampling round `attempt` (round 0 keeps the seeds of
+    runs made before the resampling budget existed)."""
+    parts = (cfg.seed, "responses", record_id, j) + ((attempt,) if attempt else ())
+    return derive_seed(*parts)
+
+
+def shortfall_error(cfg: RunConfig, stats: dict[str, Any]) -> CaiError | None:
+    """The stage's refusal to hand on fewer SFT records than instructions: counts at each
+    filter and what to change. None when every instruction got a usable response."""
+    dropped = stats["instructions_in"] - stats["n_records"]  # from the records: a resumed stage counts all
+    if not dropped:
+        return None
+    rc = cfg.responses
+    per_round = {k.removeprefix("answered_in_round_"): v for k, v in stats["rounds"].items() if k != "max"}
+    return CaiError(
+        f"responses: {dropped} of {stats['instructions_in']} instructions got no usable candidate in "
+        f"{rc.max_rounds} round(s) of {rc.n_candidates} samples (answered in round: {per_round}; unusable "
+        f"candidates: {stats['candidates']['unusable']}; stop reasons: {stats['candidates']['stop_reasons']}); "
+        "raise responses.max_new_tokens, n_candidates or max_rounds")
+
+
 def response_units(cfg: RunConfig, n_instructions: int) -> list[range]:
     """Instructions generated together (one chunk of `responses.batch_size`): the unit of
     resume and sharding. Fixed by the config, so a unit's outputs are the same wherever and
@@ -125,8 +148,10 @@ def response_units(cfg: RunConfig, n_instructions: int) -> list[range]:
 def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, shard=None) -> dict[str, Any]:
     """Write one SFT record per instruction, unit by unit (with `shard`, only its units); return stats.
     Resumes from `writer.done`: units before the one holding the last written record are
-    skipped, that one is replayed and only its missing records written. Instructions with no
-    usable candidate are dropped and counted (`dropped`), never silently."""
+    skipped, that one is replayed and only its missing records written. An instruction with no
+    usable candidate is resampled (new seeds) up to `responses.max_rounds` rounds within its
+    unit; one still without is counted in `dropped`, and the stage refuses the shortfall
+    (`shortfall_error`) rather than hand on a silently smaller dataset."""
     started = time.perf_counter()
     rc = cfg.responses
     examples = load_fewshot_examples()
@@ -148,26 +173,31 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
 
     for _, unit in tqdm(units, desc="responses", unit="batch", mininterval=1.0):
         chunk = [instructions[i] for i in unit]
-        prompts, seeds, shas = [], [], []
-        for rec in chunk:
-            prompt, sha = fewshot_prompt(cfg, rec["instruction"], fewshot_for(cfg, rec["id"], rec["instruction"], examples))
-            shas.append(sha)
-            prompts.extend([prompt] * n)
-            seeds.extend(derive_seed(cfg.seed, "responses", rec["id"], j) for j in range(n))
-        outs = gen.generate(prompts, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, stop=stop,
-                            seed=seeds, batch_size=rc.batch_size)
-        per_rec = []
-        for r, rec in enumerate(chunk):
-            cands = []
-            for out in outs[r * n:(r + 1) * n]:
-                text = out.text.strip()
-                reason = unusable_reason(text, out.stop_reason)
-                stop_reasons[out.stop_reason] += 1
-                if reason:
-                    unusable[reason] += 1
-                cands.append({"text": text, "stop_reason": out.stop_reason, "n_new_tokens": out.n_new_tokens,
-                              "usable": reason is None, "unusable_reason": reason})
-            per_rec.append(cands)
+        contexts = [fewshot_prompt(cfg, rec["instruction"], fewshot_for(cfg, rec["id"], rec["instruction"], examples))
+                    for rec in chunk]
+        shas = [sha for _, sha in contexts]
+        per_rec: list[list[dict]] = [[] for _ in chunk]
+        pending = list(range(len(chunk)))
+        for attempt in range(rc.max_rounds):  # the budget: instructions still without a usable candidate resample
+            prompts = [contexts[r][0] for r in pending for _ in range(n)]
+            seeds = [candidate_seed(cfg, chunk[r]["id"], j, attempt) for r in pending for j in range(n)]
+            outs = gen.generate(prompts, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, stop=stop,
+                                seed=seeds, batch_size=rc.batch_size)
+            for k, r in enumerate(pending):
+                for out in outs[k * n:(k + 1) * n]:
+                    text = out.text.strip()
+                    reason = unusable_reason(text, out.stop_reason)
+                    stop_reasons[out.stop_reason] += 1
+                    if reason:
+                        unusable[reason] += 1
+                    per_rec[r].append({"text": text, "stop_reason": out.stop_reason, "n_new_tokens": out.n_new_tokens,
+                                       "usable": reason is None, "unusable_reason": reason, "round": attempt + 1})
+            pending = [r for r in pending if not any(c["usable"] for c in per_rec[r])]
+            if not pending or rc.temperature == 0:  # greedy: another round repeats the same outputs
+                break
+        for cands in per_rec:
+            first = min((c["round"] for c in cands if c["usable"]), default=None)
+            stats[f"answered_in_round_{first}" if first is not None else "unanswered"] += 1
         usable_idx = [[i for i, c in enumerate(cands) if c["usable"]] for cands in per_rec]
         tables = (round_robin(gen, cfg, [(rec["instruction"], [cands[i]["text"] for i in idx])
                                          for rec, cands, idx in zip(chunk, per_rec, usable_idx)])
@@ -220,6 +250,7 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
         "processed": stats["instructions"],
         "written": stats["written"], "n_records": len(writer.done),
         "dropped": {"no_usable_candidate": stats["dropped_no_usable_candidate"]},
+        "rounds": {"max": rc.max_rounds, **{k: v for k, v in sorted(stats.items()) if k.startswith("answered_in_round_")}},
         "candidates": {"per_instruction": n, "stop_reasons": dict(stop_reasons), "unusable": dict(unusable)},
         "critic": {"enabled": cfg.critic.enabled, "selection": "round robin, mean combined margin",
                    "judgements": judged, "disagreements": disagreements, "forward_passes": forward,
@@ -249,13 +280,16 @@ def combine_stats(parts: Sequence[dict], records: Sequence[dict]) -> dict[str, A
     def counter(*keys: str) -> dict[str, int]:
         c: Counter = Counter()
         for p in parts:
-            c.update(p.get(keys[0], {}).get(keys[1], {}))
-        return dict(c)
+            for k in keys:
+                p = p.get(k, {})
+            c.update({k: v for k, v in p.items() if k != "max"})
+        return dict(sorted(c.items()))
 
     judged, disagreements = total("critic", "judgements"), total("critic", "disagreements")
     return {
         "instructions_in": parts[0]["instructions_in"] if parts else 0, "processed": total("processed"),
         "n_records": len(records), "dropped": {"no_usable_candidate": total("dropped", "no_usable_candidate")},
+        "rounds": {"max": parts[0]["rounds"]["max"] if parts else None, **counter("rounds")},
         "candidates": {"per_instruction": parts[0]["candidates"]["per_instruction"] if parts else None,
                        "stop_reasons": counter("candidates", "stop_reasons"), "unusable": counter("candidates", "unusable")},
         "critic": {"judgements": judged, "disagreements": disagreements, "forward_passes": total("critic", "forward_passes"),

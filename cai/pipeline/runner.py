@@ -161,10 +161,12 @@ def write_instructions(run: Run, writer: ArtifactWriter, kept: list[dict], stats
 
 
 def stage_responses(run: Run, slot, gen) -> None:
-    from cai.pipeline.responses import run_responses
+    from cai.pipeline.responses import run_responses, shortfall_error
 
     writer = run.writer("responses", ["instructions"])
     stats = run_responses(run.cfg, gen, records_of(run, "instructions"), writer)
+    if (err := shortfall_error(run.cfg, stats)) is not None:
+        raise err
     results = data_results(run, "sft", writer.done, slot)
     run.finish("responses", writer, results, model=slot.provenance, extra={"responses": stats})
 
@@ -298,12 +300,14 @@ def shard_responses(run: Run, gen, shard: Shard, writer: ArtifactWriter) -> dict
 
 
 def merge_responses(run: Run, slot, shards: list[Artifact], writer: ArtifactWriter) -> tuple[list[Result], dict]:
-    from cai.pipeline.responses import combine_stats
+    from cai.pipeline.responses import combine_stats, shortfall_error
 
     order = {r["id"]: i for i, r in enumerate(records_of(run, "instructions"))}
     records = sorted((r for a in shards for r in a.records()), key=lambda r: order[r["id"]])
-    write_missing(writer, records)
     stats = combine_stats([a.manifest["extra"]["responses"] for a in shards], records)
+    if (err := shortfall_error(run.cfg, stats)) is not None:
+        raise err
+    write_missing(writer, records)
     return data_results(run, "sft", writer.done, slot), {"responses": stats}
 
 
