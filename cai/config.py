@@ -31,7 +31,8 @@ class ModelConfig(_Section):
 
 
 class GenerationConfig(_Section):
-    backend: Literal["hf", "vllm"] = Field("hf", description="'vllm' (optional extra, CUDA) for scale; raw prompts only")
+    backend: Literal["hf", "vllm"] = Field("hf", description="'hf' is what `cai run` drives; 'vllm' (VLLMGenerator, "
+                                           "optional extra, CUDA, never run on cai's machines) is refused with exit 2")
 
 
 class InstructionsConfig(_Section):
