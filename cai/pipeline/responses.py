@@ -130,9 +130,10 @@ def shortfall_error(cfg: RunConfig, stats: dict[str, Any]) -> CaiError | None:
         return None
     rc = cfg.responses
     per_round = {k.removeprefix("answered_in_round_"): v for k, v in stats["rounds"].items() if k != "max"}
+    rounds = f"{rc.max_rounds} round(s)" if rc.temperature > 0 else "1 round (greedy: another would repeat it)"
     return CaiError(
         f"responses: {dropped} of {stats['instructions_in']} instructions got no usable candidate in "
-        f"{rc.max_rounds} round(s) of {rc.n_candidates} samples (answered in round: {per_round}; unusable "
+        f"{rounds} of {rc.n_candidates} samples (answered in round: {per_round}; unusable "
         f"candidates: {stats['candidates']['unusable']}; stop reasons: {stats['candidates']['stop_reasons']}); "
         "raise responses.max_new_tokens, n_candidates or max_rounds")
 
