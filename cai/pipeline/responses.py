@@ -196,9 +196,9 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
             pending = [r for r in pending if not any(c["usable"] for c in per_rec[r])]
             if not pending or rc.temperature == 0:  # greedy: another round repeats the same outputs
                 break
-        for cands in per_rec:
-            first = min((c["round"] for c in cands if c["usable"]), default=None)
-            stats[f"answered_in_round_{first}" if first is not None else "unanswered"] += 1
+        for cands in per_rec:  # the unanswered are counted below, as dropped
+            if (first := min((c["round"] for c in cands if c["usable"]), default=None)) is not None:
+                stats[f"answered_in_round_{first}"] += 1
         usable_idx = [[i for i, c in enumerate(cands) if c["usable"]] for cands in per_rec]
         tables = (round_robin(gen, cfg, [(rec["instruction"], [cands[i]["text"] for i in idx])
                                          for rec, cands, idx in zip(chunk, per_rec, usable_idx)])
