@@ -11,8 +11,9 @@ from cai.errors import BadInputError
 from cai.invariants.base import Status, all_passed, evaluate
 from cai.invariants.data import (
     CriticMarginsPresent, DuplicateRate, NonEmptyCompletions, NoTrainEvalOverlap, NoTruncatedCompletions,
-    RecordSchema, RecordSet, data_invariants, detect_kind, encoding_invariants, load_records,
-    near_duplicate_pairs, prompt_tokenizer_subject, words)
+    RecordSchema, RecordSet, data_invariants, detect_kind, encoding_invariants, eval_response_invariants,
+    load_records, near_duplicate_pairs, words)
+from cai.invariants.leakage import prompt_tokenizer_subject
 from cai.pipeline import formats
 
 IFEVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "ifeval" / "input_data.jsonl"
@@ -269,6 +270,38 @@ def test_encoding_invariants_on_run_prompts(smol_tokenizer, sft_set):
     results = {r.name: r for r in evaluate(encoding_invariants(), prompt_tokenizer_subject(bad, smol_tokenizer))}
     assert results["no_special_token_ids"].status == Status.FAIL
     assert "record 'sft-1'" in results["no_special_token_ids"].evidence
+
+
+def eval_responses(responses: dict[str, str], instruction: str = "Name a colour.") -> list[dict]:
+    """Evaluation outputs as the eval stage writes them: one record per model for one item."""
+    prompt = formats.render("instruction_response", instruction)
+    return [{"id": f"primary/{m}/7", "suite": "primary", "model": m, "key": 7, "eval_set": "stage1",
+             "instruction": instruction, "format": "instruction_response", "prompt": prompt, "response": text,
+             "stop_reason": "eos", "n_new_tokens": 4} for m, text in responses.items()]
+
+
+def test_eval_response_with_a_chat_marker_fails():
+    clean = eval_responses({"base": "Blue.", "sft": "Blue.", "dpo": "Red."})
+    assert all_passed(evaluate(eval_response_invariants("instruction_response"), clean))
+    leaked = eval_responses({"base": "Blue.", "sft": "Blue.<|im_end|>\n<|im_start|>assistant\nRed", "dpo": "Red."})
+    results = {r.name: r for r in evaluate(eval_response_invariants("instruction_response"), leaked)}
+    assert results["no_chat_markers"].status == Status.FAIL
+    assert "'primary/sft/7' response" in results["no_chat_markers"].evidence
+    assert [n for n, r in results.items() if r.status == Status.FAIL] == ["no_chat_markers"]
+
+
+def test_eval_prompts_get_encoding_checks_given_the_tokenizer(smol_tokenizer):
+    clean = eval_responses({"base": "Blue.", "sft": "Blue."})
+    names = [i.name for i in eval_response_invariants("instruction_response", tokenizer=smol_tokenizer)]
+    assert {"no_special_token_ids", "decode_encode_roundtrip"} <= set(names)
+    assert "no_special_token_ids" not in [i.name for i in eval_response_invariants("instruction_response")]
+    assert all_passed(evaluate(eval_response_invariants("instruction_response", tokenizer=smol_tokenizer), clean))
+    bad = eval_responses({"base": "Blue.", "sft": "Blue."}, instruction="Repeat <|im_start|> once.")
+    results = {r.name: r for r in evaluate(eval_response_invariants("instruction_response", tokenizer=smol_tokenizer),
+                                           bad)}
+    special = results["no_special_token_ids"]
+    assert special.status == Status.FAIL
+    assert "record 'primary/base/7' -> ids [1] ['<|im_start|>']" in special.evidence
 
 
 SHIPPED_EVAL = Path(__file__).resolve().parents[1] / "cai" / "data" / "eval" / "stage1_eval.jsonl"

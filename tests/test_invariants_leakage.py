@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cai.invariants.base import Status, all_passed
-from cai.invariants.data import RecordSet
 from cai.invariants.leakage import (
-    MARKER_FAMILIES, PROBE_TEXTS, ChatTemplateDisabled, ChatTemplateRefuses, ModelSubject, NoChatMarkers,
-    NoSpecialTokenIds, RoundTrip, SentinelBehaviour, TokenizerSubject, check_tokenizer, find_chat_markers,
-    special_ids)
+    CHAT_MARKER_FIELDS, PROBE_TEXTS, ChatTemplateDisabled, ChatTemplateRefuses, ModelSubject, NoChatMarkers,
+    NoSpecialTokenIds, RoundTrip, SentinelBehaviour, TokenizerSubject, check_tokenizer, prompt_tokenizer_subject)
+from cai.invariants.markers import control_token_ids, find_chat_markers
+from cai.invariants.records import RecordSet
 from cai.pipeline import formats
 from cai.pipeline.models import encode, load_tokenizer
 
@@ -98,7 +98,7 @@ def test_template_set_to_none_is_not_enough(template_dirs):
 
 
 def test_probe_ids_hold_no_bos_or_special_ids(smol_tokenizer):
-    specials = special_ids(smol_tokenizer)
+    specials = set(control_token_ids(smol_tokenizer))
     assert {0, 1, 2} <= specials and len(specials) == 17  # added tokens flagged special count too
     for text in PROBE_TEXTS:
         ids = encode(smol_tokenizer, text)
@@ -160,40 +160,6 @@ def test_smol_roundtrips_printable_text(smol_tokenizer, text):
 # --------------------------------------------------------------------------- layer 3: markers
 
 
-MARKER_EXAMPLES = [
-    ("ChatML", "<|im_start|>assistant\nSure"),
-    ("Llama 3", "<|start_header_id|>assistant<|end_header_id|>"),
-    ("Llama 3", "the end<|eot_id|>"),
-    ("Llama 2 / Mistral", "[INST] hi [/INST]"),
-    ("Llama 2 / Mistral", "<<SYS>>\nbe nice\n<</SYS>>"),
-    ("Gemma", "<start_of_turn>model\nhi"),
-    ("Phi / Zephyr", "<|user|>\nhi<|end|>"),
-    ("Phi / Zephyr", "<|assistant|>"),
-    ("Alpaca", "### Response: yes"),
-    ("Alpaca", "### Assistant: yes"),
-    ("Human/Assistant turns", "hi\n\nAssistant: yes"),
-    ("DeepSeek", "<｜Assistant｜>yes"),
-    ("special-token syntax", "<|START_OF_TURN_TOKEN|>"),
-]
-
-
-@pytest.mark.parametrize("family,text", MARKER_EXAMPLES)
-def test_marker_families_detected(family, text):
-    found = find_chat_markers(text)
-    assert found and found[0][0] == family
-
-
-@pytest.mark.parametrize("text", [
-    formats.render("instruction_response", "Describe the seasons."),
-    formats.render_example("instruction_response", "List three primes.", "2, 3 and 5."),
-    "Response: fine. Instruction: none. User: x. Assistant said hello.",
-    "Use <b>bold</b> and a | b | table, and x <| y.",
-    "## Response\nMarkdown heading without colon",
-])
-def test_cai_format_and_ordinary_text_are_not_markers(text):
-    assert find_chat_markers(text) == []
-
-
 def _sft(i, completion, instruction="Name a colour."):
     return {"id": f"s{i}", "instruction": instruction, "format": "instruction_response",
             "prompt": formats.render("instruction_response", instruction), "completion": completion}
@@ -215,34 +181,70 @@ def test_markers_in_preference_rejected_fail():
     assert r.status == Status.FAIL and "rejected" in r.evidence and "[INST]" in r.evidence
 
 
-_plain = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40).filter(lambda s: not find_chat_markers(s))
-_markers = st.sampled_from([t for _, t in MARKER_EXAMPLES])
+def _eval_response(model, key, instruction, response):
+    """A record as the eval stage writes it (compare.generate_eval_responses)."""
+    prompt = formats.render("instruction_response", instruction)
+    return {"id": f"primary/{model}/{key}", "suite": "primary", "model": model, "key": key, "eval_set": "stage1",
+            "instruction": instruction, "format": "instruction_response", "prompt": prompt, "response": response,
+            "stop_reason": "eos", "n_new_tokens": 5}
 
 
-@settings(max_examples=150, deadline=None)
-@given(_plain, _markers, _plain)
-def test_marker_anywhere_is_detected(before, marker, after):
-    assert find_chat_markers(before + "\n" + marker + "\n" + after)
+def test_chat_marker_in_an_eval_response_fails():
+    clean = [_eval_response(m, 0, "Name a colour.", "Blue.") for m in ("base", "sft", "dpo")]
+    assert NoChatMarkers().check(clean).status == Status.PASS
+    leaked = clean[:2] + [_eval_response("dpo", 0, "Name a colour.", "Blue.<|im_end|>\n<|im_start|>assistant\nRed")]
+    r = NoChatMarkers().check(leaked)
+    assert r.status == Status.FAIL
+    assert "'primary/dpo/0' response" in r.evidence and "ChatML" in r.evidence and "<|im_end|>" in r.evidence
 
 
-@settings(max_examples=150, deadline=None)
-@given(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="<>[]#|｜"), min_size=1, max_size=80))
-def test_rendering_never_introduces_markers(instruction):
-    # text without marker characters stays marker-free once cai renders it
-    instruction = instruction.strip()
-    if not instruction or find_chat_markers(instruction):
-        return
-    try:
-        prompt = formats.render("instruction_response", instruction)
-    except formats.FormatError:
-        return
-    assert find_chat_markers(prompt) == []
+def test_instruction_records_are_checked_on_their_instruction():
+    cands = [{"id": "inst-1", "instruction": "Name a colour.", "type": "open", "source": "model"},
+             {"id": "inst-2", "instruction": "<start_of_turn>user Name a fruit.", "type": "open", "source": "model"}]
+    r = NoChatMarkers().check(cands)  # kind from the fields: no completion, chosen or key
+    assert r.status == Status.FAIL and "'inst-2' instruction" in r.evidence and "Gemma" in r.evidence
+    assert NoChatMarkers("instructions").check(cands[:1]).status == Status.PASS
+    with pytest.raises(ValueError, match="unknown record kind"):
+        NoChatMarkers("responses")
 
 
-def test_marker_families_cover_the_common_chat_formats():
-    names = {f.name for f in MARKER_FAMILIES}
-    assert {"ChatML", "Llama 3", "Llama 2 / Mistral", "Gemma", "Phi / Zephyr", "Alpaca"} <= names
+_KIND_RECORDS = {
+    "sft": lambda: _sft(0, " Blue."),
+    "preference": lambda: {"id": "p0", "instruction": "Hi", "format": "instruction_response",
+                           "prompt": formats.render("instruction_response", "Hi"), "chosen": " Hello.",
+                           "rejected": " Go away.", "margin": 1.0},
+    "eval": lambda: _eval_response("base", 0, "Name a colour.", "Blue."),
+    "instructions": lambda: {"id": "inst-0", "instruction": "Name a colour.", "source": "model"},
+}
+_KIND_FIELDS = [(k, f) for k, fields in CHAT_MARKER_FIELDS.items() for f in fields]
 
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from(_KIND_FIELDS), st.sampled_from(["<|im_start|>", "[/INST]", "<|eot_id|>", "<｜User｜>",
+                                                       "<|CHATBOT_TOKEN|>", "\n### Response:", "\nASSISTANT:"]),
+       st.integers(min_value=0))
+def test_a_marker_in_any_model_output_field_fails(kind_field, marker, where):
+    kind, field = kind_field
+    rec = _KIND_RECORDS[kind]()
+    assert NoChatMarkers(kind).check([rec]).status == Status.PASS
+    text = rec[field]
+    at = where % (len(text) + 1)
+    rec[field] = text[:at] + marker + " " + text[at:]
+    r = NoChatMarkers(kind).check([rec])
+    assert r.status == Status.FAIL and f" {field}: " in r.evidence, r.evidence
+    assert r.details["hits"][0]["marker"] == marker.strip()
+
+
+def test_no_special_ids_on_records_given_the_tokenizer(smol_tokenizer):
+    recs = [_eval_response(m, k, ins, "ok") for k, ins in enumerate(["Name a colour.", "Say <|im_start|> twice."])
+            for m in ("base", "sft")]
+    subject = prompt_tokenizer_subject(recs, smol_tokenizer)
+    assert len(subject.texts) == 2  # one per distinct prompt, labelled by its first record
+    assert subject.labels == ["record 'primary/base/0'", "record 'primary/base/1'"]
+    r = NoSpecialTokenIds(tokenizer=smol_tokenizer).check(recs)
+    assert r.status == Status.FAIL and "record 'primary/base/1' -> ids [1]" in r.evidence
+    assert NoSpecialTokenIds(tokenizer=smol_tokenizer).check(recs[:2]).status == Status.PASS
+    assert RoundTrip(tokenizer=smol_tokenizer).check(recs).status == Status.PASS
 
 # --------------------------------------------------------------------------- layer 5: sentinels
 
@@ -289,3 +291,40 @@ def test_sentinel_on_embedded_model_says_it_is_instruction_tuned():
     outputs = r.details["outputs"]
     assert len(outputs) == 4 and outputs[0]["instruction"] in r.evidence
     assert "instruction-tuned" in r.evidence
+
+
+# --------------------------------------------------------------------------- module structure
+
+
+def test_invariant_modules_import_each_other_without_a_cycle():
+    """Every import between `cai.invariants` modules, module-level or inside a function (the
+    old data <-> leakage <-> parity circle was dodged that way), forms an acyclic graph."""
+    import ast
+    from pathlib import Path
+
+    import cai.invariants
+
+    pkg = Path(cai.invariants.__file__).parent
+    graph = {}
+    for path in pkg.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cai.invariants."):
+                deps.add(node.module.split(".")[2])
+        graph[path.stem] = deps - {path.stem}
+    assert {"records", "markers"} <= graph["leakage"] and "data" not in graph["leakage"] | graph["parity"]
+    state: dict[str, int] = {}
+
+    def visit(m, trail):
+        if state.get(m) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join(trail + [m])}")
+        if state.get(m) != 2:
+            state[m] = 1
+            for d in sorted(graph.get(m, ())):
+                visit(d, trail + [m])
+            state[m] = 2
+
+    for m in sorted(graph):
+        visit(m, [])

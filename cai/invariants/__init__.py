@@ -8,7 +8,8 @@ in the manifest via `ArtifactWriter.finalize(invariants=...)`, then `raise_on_fa
 - `tokenizer_invariants()` on a tokenizer / `TokenizerSubject` (or `check_tokenizer(tok, prov)`)
 - `encoding_invariants()` on `prompt_tokenizer_subject(records, tok)` (a run's prompts)
 - `data_invariants(kind, eval_sets=, critic_enabled=, train_format=)` on a `RecordSet`
-- `eval_response_invariants(train_format)` on evaluation outputs (suite, model, key, prompt)
+- `eval_response_invariants(train_format, tokenizer=None)` on evaluation outputs (suite, model, key,
+  prompt, response); with the tokenizer, the encoding sentinels run on the eval prompts too
 - `PromptsIdenticalAcrossModels()` on {model: prompts} or evaluation records
 - `memory_invariants()` on None (this process), `PeakMemoryRecorded()` (warning) on a slot or
   manifest; `memory_snapshot(events_since)` is what a stage passes to finalize(memory=...)
@@ -20,13 +21,13 @@ in the manifest via `ArtifactWriter.finalize(invariants=...)`, then `raise_on_fa
 from cai.invariants.base import (Invariant, Result, Severity, Status, all_passed, evaluate,
                                  raise_on_failures)
 from cai.invariants.data import (CriticMarginsPresent, DuplicateRate, NonEmptyCompletions,
-                                 NoTrainEvalOverlap, NoTruncatedCompletions, RecordSchema, RecordSet,
-                                 data_invariants, detect_kind, encoding_invariants, eval_response_invariants,
-                                 load_records, prompt_tokenizer_subject)
+                                 NoTrainEvalOverlap, NoTruncatedCompletions, RecordSchema,
+                                 data_invariants, encoding_invariants, eval_response_invariants)
 from cai.invariants.leakage import (ChatTemplateDisabled, ChatTemplateRefuses, ChatTemplateShipped,
                                     ModelSubject, NoChatMarkers, NoSpecialTokenIds, RoundTrip,
                                     SentinelBehaviour, TokenizerSubject, check_tokenizer,
-                                    find_chat_markers, tokenizer_invariants)
+                                    prompt_tokenizer_subject, tokenizer_invariants)
+from cai.invariants.markers import control_token_ids, find_chat_markers
 from cai.invariants.memory import (AtMostOneBaseModel, LoadsSequenced, ModelsReleased, PeakMemoryRecorded,
                                    memory_invariants, memory_snapshot)
 from cai.invariants.offline import (HubOffline, ModelSourceLocal, PunktAvailable, enforce_offline,
@@ -34,6 +35,7 @@ from cai.invariants.offline import (HubOffline, ModelSourceLocal, PunktAvailable
 from cai.invariants.parity import FormatMatchesTraining, PromptFormatParity, PromptsIdenticalAcrossModels
 from cai.invariants.provenance import (ArtifactSubject, ConfigHashMatches, HashesVerify, InputsCertified,
                                        ManifestComplete, RecordedInvariantsPassed, provenance_invariants)
+from cai.invariants.records import RecordSet, detect_kind, load_records
 
 __all__ = [
     "Invariant", "Result", "Severity", "Status", "all_passed", "evaluate", "raise_on_failures",
@@ -42,7 +44,7 @@ __all__ = [
     "encoding_invariants", "eval_response_invariants", "prompt_tokenizer_subject",
     "ChatTemplateShipped", "ChatTemplateDisabled", "ChatTemplateRefuses", "NoSpecialTokenIds", "RoundTrip",
     "NoChatMarkers", "SentinelBehaviour", "TokenizerSubject", "ModelSubject", "check_tokenizer",
-    "find_chat_markers", "tokenizer_invariants",
+    "find_chat_markers", "control_token_ids", "tokenizer_invariants",
     "AtMostOneBaseModel", "ModelsReleased", "PeakMemoryRecorded", "LoadsSequenced", "memory_invariants",
     "memory_snapshot",
     "HubOffline", "ModelSourceLocal", "PunktAvailable", "enforce_offline", "offline_invariants",

@@ -12,14 +12,14 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from cai.errors import BadInputError
 from cai.invariants.base import Invariant
-
-KINDS = ("sft", "preference", "eval")
+from cai.invariants.leakage import NoChatMarkers, NoSpecialTokenIds, RoundTrip
+from cai.invariants.parity import FormatMatchesTraining, PromptFormatParity, PromptsIdenticalAcrossModels
+# the record basics live in `records` (leakage and parity need them too); callers may import them from here
+from cai.invariants.records import (KINDS, RecordSet, _fmt_offenders, as_record_set, detect_kind,  # noqa: F401
+                                    is_eval_responses, load_records, record_id)
 
 # field -> accepted types (bool is excluded from numbers explicitly)
 SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
@@ -31,84 +31,8 @@ SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
 }
 
 
-@dataclass
-class RecordSet:
-    """The subject of data invariants: records of one kind, and where they came from."""
-
-    kind: str
-    records: list[dict[str, Any]]
-    path: str | Path | None = None
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown record kind {self.kind!r}; known: {KINDS}")
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-
-def detect_kind(records: Sequence[dict]) -> str | None:
-    """Record kind from the fields of the first record: chosen+rejected -> preference,
-    completion -> sft, instruction_id_list (or key + prompt: evaluation responses) -> eval;
-    None when none fits."""
-    if not records:
-        return None
-    keys = set(records[0])
-    if {"chosen", "rejected"} <= keys:
-        return "preference"
-    if "completion" in keys:
-        return "sft"
-    if "instruction_id_list" in keys or {"key", "kwargs"} <= keys or {"key", "prompt"} <= keys:
-        return "eval"
-    return None
-
-
-def is_eval_responses(records: Sequence[dict]) -> bool:
-    """Evaluation outputs (one record per suite x model x item), not an evaluation set."""
-    return bool(records) and {"model", "prompt", "key"} <= set(records[0])
-
-
-def as_record_set(subject) -> RecordSet:
-    if isinstance(subject, RecordSet):
-        return subject
-    records = list(subject)
-    kind = detect_kind(records)
-    if kind is None:
-        raise BadInputError(f"cannot tell the record kind from fields {sorted(records[0]) if records else '[]'}")
-    return RecordSet(kind, records)
-
-
-def load_records(path: str | Path, kind: str | None = None) -> RecordSet:
-    """Read a JSONL file into a RecordSet, detecting the kind from the fields."""
-    from cai.pipeline.store import read_jsonl
-
-    records = read_jsonl(path)
-    if not records:
-        raise BadInputError(f"{path}: no records")
-    kind = kind or detect_kind(records)
-    if kind is None:
-        raise BadInputError(f"{path}: cannot tell the record kind from fields {sorted(records[0])} "
-                            "(sft needs completion, preference chosen+rejected, eval instruction_id_list)")
-    return RecordSet(kind, records, path)
-
-
-def record_id(rec: dict, index: int) -> Any:
-    """How evidence names a record: its id (or eval key), else its position."""
-    if "id" in rec:
-        return rec["id"]
-    if "key" in rec:
-        return rec["key"]
-    return f"#{index + 1}"
-
-
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _fmt_offenders(offenders: list[str], n: int, what: str, limit: int = 3) -> str:
-    shown = "; ".join(offenders[:limit])
-    more = f" (+{len(offenders) - limit} more)" if len(offenders) > limit else ""
-    return f"{len(offenders)}/{n} record(s) {what}: {shown}{more}"
 
 
 # --------------------------------------------------------------------------- schema
@@ -467,9 +391,6 @@ def data_invariants(kind: str, *, eval_sets: Mapping[str, Iterable] | None = Non
     critic_enabled: require critic margins (None: not checked); train_format: the run's
     training format (records, and eval prompts outside probe suites, must use it).
     Near-duplicates gate training kinds only; for evaluation sets they are reported."""
-    from cai.invariants.leakage import NoChatMarkers
-    from cai.invariants.parity import FormatMatchesTraining, PromptFormatParity
-
     if kind not in KINDS:
         raise ValueError(f"unknown record kind {kind!r}; known: {KINDS}")
     invs: list[Invariant] = [RecordSchema(), NoChatMarkers(), PromptFormatParity()]
@@ -485,33 +406,22 @@ def data_invariants(kind: str, *, eval_sets: Mapping[str, Iterable] | None = Non
     return invs
 
 
-def eval_response_invariants(train_format: str | None = None) -> list[Invariant]:
+def eval_response_invariants(train_format: str | None = None, tokenizer=None) -> list[Invariant]:
     """For evaluation outputs (records with suite, model, key, format, prompt, response):
-    canonical prompts, the training format outside probe suites, no chat markers in prompts,
-    and byte-identical prompts for every model of a suite. (Not the eval-set schema or
-    duplicate checks: each item appears once per model by design.)"""
-    from cai.invariants.leakage import NoChatMarkers
-    from cai.invariants.parity import FormatMatchesTraining, PromptFormatParity, PromptsIdenticalAcrossModels
-
-    invs: list[Invariant] = [PromptFormatParity(), NoChatMarkers(fields=("prompt",)), PromptsIdenticalAcrossModels()]
+    canonical prompts, the training format outside probe suites, no chat markers in prompts
+    or responses, and byte-identical prompts for every model of a suite; given the
+    tokenizer the models were fed through, also the encoding sentinels on the prompts (no
+    special ids, decode(encode(p)) == p). (Not the eval-set schema or duplicate checks: each
+    item appears once per model by design.)"""
+    invs: list[Invariant] = [PromptFormatParity(), NoChatMarkers(), PromptsIdenticalAcrossModels()]
     if train_format is not None:
         invs.insert(1, FormatMatchesTraining(train_format, require_format=True))
+    if tokenizer is not None:
+        invs += encoding_invariants(tokenizer=tokenizer)
     return invs
 
 
-def prompt_tokenizer_subject(records: RecordSet | Sequence[dict], tokenizer, allowed_ids: Iterable[int] = ()):
-    """TokenizerSubject over a run's prompts (labelled by record id) for the encoding and
-    round-trip sentinels: `evaluate(encoding_invariants(), prompt_tokenizer_subject(rs, tok))`."""
-    from cai.invariants.leakage import TokenizerSubject
-
-    rs = as_record_set(records)
-    recs = [(record_id(r, i), r["prompt"]) for i, r in enumerate(rs.records) if isinstance(r.get("prompt"), str)]
-    return TokenizerSubject(tokenizer, texts=[p for _, p in recs], labels=[f"record {rid!r}" for rid, _ in recs],
-                            allowed_ids=frozenset(allowed_ids))
-
-
-def encoding_invariants(allowed_ids: Iterable[int] = ()) -> list[Invariant]:
-    """Layers 2 and 5 on a run's prompts: no special ids, decode(encode(p)) == p."""
-    from cai.invariants.leakage import NoSpecialTokenIds, RoundTrip
-
-    return [NoSpecialTokenIds(allowed_ids), RoundTrip()]
+def encoding_invariants(allowed_ids: Iterable[int] = (), tokenizer=None) -> list[Invariant]:
+    """Layers 2 and 5 on a run's prompts: no special ids, decode(encode(p)) == p. Subject: a
+    `prompt_tokenizer_subject(records, tok)`, or - given `tokenizer` - the records themselves."""
+    return [NoSpecialTokenIds(allowed_ids, tokenizer=tokenizer), RoundTrip(tokenizer=tokenizer)]

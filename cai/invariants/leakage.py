@@ -7,8 +7,10 @@ batch, lives in `cai.invariants.training`).
 5. Behaviour: decode(encode(p)) == p; sentinel instructions a true base model should not
    answer cleanly when fed raw.
 
+The markers themselves (text families, control token ids) live in `cai.invariants.markers`.
+
 Subjects: a tokenizer (or `TokenizerSubject` with provenance, texts and declared ids),
-a `cai.invariants.data.RecordSet`, or a model (`ModelSlot`, `LoadedModel`, anything with
+a `cai.invariants.records.RecordSet`, or a model (`ModelSlot`, `LoadedModel`, anything with
 `.model`/`.tokenizer`, or a plain `generate(prompts) -> list[str]` callable).
 """
 
@@ -23,6 +25,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from cai.errors import ChatTemplateDisabledError
 from cai.invariants.base import Invariant, Result, Severity, evaluate
+from cai.invariants.markers import control_token_ids, find_chat_markers
+from cai.invariants.records import RecordSet, as_record_set, detect_kind, record_id
 
 # Texts the tokenizer-level sentinels encode: the project's own prompt shape plus the
 # whitespace / unicode / code cases where a lossy tokenizer would change a prompt.
@@ -71,16 +75,25 @@ class TokenizerSubject:
         return str(self.labels[i]) if self.labels is not None else f"text {i}"
 
 
-def _tok_subject(subject) -> TokenizerSubject:
-    return subject if isinstance(subject, TokenizerSubject) else TokenizerSubject(subject)
+def prompt_tokenizer_subject(records: RecordSet | Sequence[dict], tokenizer,
+                             allowed_ids: Iterable[int] = ()) -> TokenizerSubject:
+    """TokenizerSubject over a run's distinct prompts (each labelled by the first record that
+    holds it) for the encoding and round-trip sentinels:
+    `evaluate(encoding_invariants(), prompt_tokenizer_subject(rs, tok))`."""
+    rs = as_record_set(records)
+    first: dict[str, Any] = {}
+    for i, r in enumerate(rs.records):
+        if isinstance(r.get("prompt"), str):
+            first.setdefault(r["prompt"], record_id(r, i))
+    return TokenizerSubject(tokenizer, texts=list(first), labels=[f"record {rid!r}" for rid in first.values()],
+                            allowed_ids=frozenset(allowed_ids))
 
 
-def special_ids(tokenizer) -> set[int]:
-    """Every special/control id: `all_special_ids` plus added tokens flagged special
-    (SmolLM2 has 17 such tokens, only 3 of which are in `all_special_ids`)."""
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
-    return ids
+def _tok_subject(subject, tokenizer=None) -> TokenizerSubject:
+    """The subject as a TokenizerSubject; with `tokenizer`, `subject` is records whose prompts it encodes."""
+    if isinstance(subject, TokenizerSubject):
+        return subject
+    return prompt_tokenizer_subject(subject, tokenizer) if tokenizer is not None else TokenizerSubject(subject)
 
 
 def _live_template(tokenizer) -> str | None:
@@ -193,15 +206,17 @@ class NoSpecialTokenIds(Invariant):
 
     name = "no_special_token_ids"
 
-    def __init__(self, allowed_ids: Iterable[int] = ()):
+    def __init__(self, allowed_ids: Iterable[int] = (), tokenizer=None):
+        """tokenizer: check records' prompts through it (the subject is then the records)."""
         self.allowed_ids = frozenset(allowed_ids)
+        self.tokenizer = tokenizer
 
     def _check(self, subject):
         from cai.pipeline.models import encode
 
-        s = _tok_subject(subject)
+        s = _tok_subject(subject, self.tokenizer)
         tok = s.tokenizer
-        specials = special_ids(tok) - self.allowed_ids - set(s.allowed_ids)
+        specials = set(control_token_ids(tok)) - self.allowed_ids - set(s.allowed_ids)
         offenders = []
         for i, text in enumerate(s.texts):
             bad = [t for t in encode(tok, text) if t in specials]
@@ -222,10 +237,14 @@ class RoundTrip(Invariant):
 
     name = "decode_encode_roundtrip"
 
+    def __init__(self, tokenizer=None):
+        """tokenizer: check records' prompts through it (the subject is then the records)."""
+        self.tokenizer = tokenizer
+
     def _check(self, subject):
         from cai.pipeline.models import encode
 
-        s = _tok_subject(subject)
+        s = _tok_subject(subject, self.tokenizer)
         tok = s.tokenizer
         bad = []
         for i, text in enumerate(s.texts):
@@ -257,70 +276,61 @@ def check_tokenizer(tokenizer, provenance: dict[str, Any] | None = None, *, sour
 # --------------------------------------------------------------------------- layer 3: text
 
 
-@dataclass(frozen=True)
-class MarkerFamily:
-    name: str
-    pattern: str  # regex
-
-
-# Literal markers per family. cai's own format ("Instruction: x\nResponse:") has no "###" and
-# no role tokens, so none of these match it.
-MARKER_FAMILIES: tuple[MarkerFamily, ...] = (
-    MarkerFamily("ChatML", r"<\|im_start\|>|<\|im_end\|>|<\|im_sep\|>"),
-    MarkerFamily("Llama 3", r"<\|begin_of_text\|>|<\|start_header_id\|>|<\|end_header_id\|>|<\|eot_id\|>"),
-    MarkerFamily("Llama 2 / Mistral", r"\[/?INST\]|<</?SYS>>|\[/?SYSTEM_PROMPT\]"),
-    MarkerFamily("Gemma", r"<start_of_turn>|<end_of_turn>"),
-    MarkerFamily("Phi / Zephyr", r"<\|(?:user|assistant|system|end)\|>"),
-    MarkerFamily("DeepSeek", r"<｜[^｜\n]{1,40}｜>"),
-    MarkerFamily("Alpaca", r"#{2,4}[ \t]*(?:Instruction|Response|Assistant|Human|Input|System|User)[ \t]*:"),
-    MarkerFamily("Human/Assistant turns", r"^[ \t]*(?:Human|Assistant)[ \t]*:"),
-    MarkerFamily("special-token syntax", r"<\|[A-Za-z0-9_▁]{1,40}\|>"),
-)
-
-_MARKER_RE = re.compile("|".join(f"(?P<g{i}>{f.pattern})" for i, f in enumerate(MARKER_FAMILIES)), re.MULTILINE)
-
-
-def find_chat_markers(text: str) -> list[tuple[str, str, int]]:
-    """(family, marker, position) for every chat marker in `text`, in order."""
-    found = []
-    for m in _MARKER_RE.finditer(text):
-        family = MARKER_FAMILIES[int(m.lastgroup[1:])].name
-        found.append((family, m.group(0).strip(), m.start()))
-    return found
-
-
-TEXT_FIELDS = ("prompt", "instruction", "completion", "chosen", "rejected", "response")
+# Where each record kind holds text a chat marker must not be in: the prompt and every model
+# output. "instructions": candidates and kept instructions (model-generated text too).
+CHAT_MARKER_FIELDS: dict[str, tuple[str, ...]] = {
+    "sft": ("prompt", "completion"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "eval": ("prompt", "response"),  # an evaluation set has no response; evaluation outputs do
+    "instructions": ("instruction",),
+}
 
 
 class NoChatMarkers(Invariant):
-    """Layer 3. Prevents chat formatting leaking into the data: a ChatML / Llama / Gemma /
-    Mistral / Phi / Alpaca marker in a prompt or a response trains (or scores) the model on
-    chat structure the pipeline never declared. Names the record id, field and marker."""
+    """Layer 3. Prevents chat formatting leaking into the data or the outputs: a chat marker
+    (any family of `cai.invariants.markers`) in a prompt trains or scores the model on chat
+    structure the pipeline never declared, and one in a completion, chosen, rejected or
+    evaluation response means the model produced (or will learn) chat turns. The fields
+    checked follow the record kind (`CHAT_MARKER_FIELDS`). Names record id, field and marker."""
 
     name = "no_chat_markers"
 
-    def __init__(self, fields: Sequence[str] = TEXT_FIELDS):
-        self.fields = tuple(fields)
+    def __init__(self, kind: str | None = None):
+        """kind: the record kind when the caller knows it (a stage's artifact: "instructions"
+        for candidate/instruction records); default the RecordSet's kind, else the kind the
+        fields show."""
+        if kind is not None and kind not in CHAT_MARKER_FIELDS:
+            raise ValueError(f"unknown record kind {kind!r}; known: {sorted(CHAT_MARKER_FIELDS)}")
+        self.kind = kind
+
+    def _records(self, subject) -> tuple[str, list[dict]]:
+        if isinstance(subject, RecordSet):
+            return self.kind or subject.kind, subject.records
+        records = list(subject)
+        if self.kind is not None:
+            return self.kind, records
+        if detect_kind(records) is None and records and "instruction" in records[0]:
+            return "instructions", records
+        rs = as_record_set(records)
+        return rs.kind, rs.records
 
     def _check(self, subject):
-        from cai.invariants.data import as_record_set, record_id
-
-        rs = as_record_set(subject)
+        kind, records = self._records(subject)
+        fields = CHAT_MARKER_FIELDS[kind]
         hits = []
-        for i, rec in enumerate(rs.records):
-            for f in self.fields:
+        for i, rec in enumerate(records):
+            for f in fields:
                 value = rec.get(f)
-                if isinstance(value, str):
-                    for family, marker, pos in find_chat_markers(value):
-                        hits.append({"record": record_id(rec, i), "field": f, "family": family, "marker": marker,
-                                     "position": pos})
-                        break
+                if isinstance(value, str) and (found := find_chat_markers(value)):
+                    family, marker, pos = found[0]
+                    hits.append({"record": record_id(rec, i), "field": f, "family": family, "marker": marker,
+                                 "position": pos})
         if not hits:
-            return True, f"no chat markers in {len(rs.records)} record(s) (fields {', '.join(self.fields)})"
-        records = sorted({str(h["record"]) for h in hits})
+            return True, f"no chat markers in {len(records)} {kind} record(s) (fields {', '.join(fields)})"
+        n_records = len({str(h["record"]) for h in hits})
         h = hits[0]
-        return False, (f"chat markers in {len(records)} record(s); first: record {h['record']!r} {h['field']}: "
-                       f"{h['family']} marker {h['marker']!r}"), {"hits": hits[:50]}
+        return False, (f"chat markers in {n_records} {kind} record(s); first: record {h['record']!r} {h['field']}: "
+                       f"{h['family']} marker {h['marker']!r} at offset {h['position']}"), {"hits": hits[:50]}
 
 
 # --------------------------------------------------------------------------- layer 5: behaviour

@@ -13,7 +13,8 @@ import hashlib
 from typing import Any, Mapping, Sequence
 
 from cai.invariants.base import Invariant
-from cai.invariants.data import _fmt_offenders, as_record_set, record_id
+from cai.invariants.records import _fmt_offenders, as_record_set, record_id
+from cai.pipeline.formats import EXAMPLE_SEPARATOR, FormatError, render
 
 PROBE_SUITES = ("raw_probe",)
 FEWSHOT_SUITES = ("fewshot_baseline",)
@@ -35,8 +36,6 @@ class PromptFormatParity(Invariant):
         self.fewshot_suites = tuple(fewshot_suites)
 
     def _check(self, subject):
-        from cai.pipeline.formats import EXAMPLE_SEPARATOR, FormatError, render
-
         rs = as_record_set(subject)
         bad, unformatted = [], 0
         for i, rec in enumerate(rs.records):

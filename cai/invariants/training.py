@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 from cai.invariants.base import Invariant, Severity
+from cai.invariants.markers import control_token_ids
 
 IGNORE_INDEX = -100
 LN2 = math.log(2.0)
@@ -31,15 +32,6 @@ MAX_PROBLEMS = 4  # problems spelled out in the evidence (the rest are counted)
 
 def _short(text: str, n: int = 90) -> str:
     return repr(text if len(text) <= n else text[: n - 1] + "…")
-
-
-def control_ids(tokenizer) -> set[int]:
-    """Every special/control id: `all_special_ids` plus added tokens flagged special
-    (SmolLM2 has 17 such tokens - `<|im_start|>`, `<repo_name>`, ... - only 3 of them in
-    `all_special_ids`)."""
-    ids = set(tokenizer.all_special_ids)
-    ids.update(i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special)
-    return ids
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -119,7 +111,7 @@ class FirstBatchSentinel(Invariant):
         tok = fb.tokenizer
         roles = ("completion",) if fb.kind == "sft" else ("chosen", "rejected")
         eos_id = tok.convert_tokens_to_ids(fb.eos_token)
-        controls = control_ids(tok)
+        controls = control_token_ids(tok)
         if not fb.input_ids:
             return False, "the first batch is empty", None
         # token ids of every canonical text -> the (record, role) pairs that produce it: best-of-N

@@ -42,14 +42,16 @@ from typing import Any, Sequence
 
 from cai.config import RunConfig
 from cai.errors import CaiError
+from cai.invariants.markers import find_chat_markers
 from cai.pipeline import formats
 from cai.pipeline.generation import derive_seed
 
 SEEDS_PATH = Path(__file__).resolve().parent.parent / "data" / "seeds" / "instructions.jsonl"
 ITEMS_PER_SAMPLE = 3  # numbered items asked of one continuation (generation stops at the next number)
 FILTERS = ("empty", "truncated", "too_short", "too_long", "invalid", "near_duplicate")
-CHAT_MARKERS = ("<|", "|>", "[INST]", "[/INST]", "<s>", "</s>", "### Assistant", "### Human", "<start_of_turn>",
-                "Instruction:", "Response:")
+# The prompt formats' own labels ("Instruction:", "Response:"): text holding one reads as a second example.
+FORMAT_LABELS = tuple(dict.fromkeys(part.strip() for f in formats.FORMATS.values() for part in (f.prefix, f.suffix)
+                                    if part.strip()))
 
 # Verifiable-constraint families (IFEval instruction ids where one fits).
 TYPES: dict[str, str | None] = {
@@ -211,6 +213,12 @@ class NearDupIndex:
         return None
 
 
+def holds_marker(text: str) -> bool:
+    """A chat marker of any family (`cai.invariants.markers`, the invariants' own list) or a
+    prompt-format label in `text`: generated text that is unusable as an instruction or response."""
+    return any(label in text for label in FORMAT_LABELS) or bool(find_chat_markers(text))
+
+
 def filter_reason(item: str, complete: bool, cfg: RunConfig, index: NearDupIndex) -> str | None:
     """The first filter an item fails (a name in FILTERS), or None if it is kept."""
     if not item:
@@ -223,7 +231,7 @@ def filter_reason(item: str, complete: bool, cfg: RunConfig, index: NearDupIndex
     if n_words > cfg.instructions.max_words:
         return "too_long"
     letters = sum(ch.isalpha() for ch in item)
-    if any(m in item for m in CHAT_MARKERS) or letters < 0.5 * len(item.replace(" ", "")):
+    if holds_marker(item) or letters < 0.5 * len(item.replace(" ", "")):
         return "invalid"
     try:
         formats.render(cfg.format, item)

@@ -37,7 +37,7 @@ from cai.config import RunConfig
 from cai.errors import CaiError
 from cai.pipeline import critic, formats
 from cai.pipeline.generation import derive_seed
-from cai.pipeline.instructions import CHAT_MARKERS
+from cai.pipeline.instructions import holds_marker
 
 FEWSHOT_PATH = Path(__file__).resolve().parent.parent / "data" / "seeds" / "fewshot_examples.jsonl"
 
@@ -76,7 +76,7 @@ def fewshot_prompt(cfg: RunConfig, instruction: str, shots: Sequence[tuple[str, 
 def unusable_reason(text: str, stop_reason: str) -> str | None:
     if not text:
         return "empty"
-    if any(m in text for m in CHAT_MARKERS):
+    if holds_marker(text):
         return "marker"
     if stop_reason == "length":
         return "truncated"
