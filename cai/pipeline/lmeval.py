@@ -28,9 +28,14 @@ What is fixed here, and why:
   context is encoded with HFLM's own `tok_encode` / `tok_batch_encode` / `_encode_pair` and
   must hold no special ids and equal cai's `encode`; and the ids lm-eval actually feeds the
   model are recorded during the run and checked again.
-* **Comparable scores.** `process_results` calls cai's canonical `score_item` on the
-  stripped response (as cai stores responses); `LmEvalScoreAgreement` recomputes the
-  canonical `score()` from lm-eval's logged responses and requires identical numbers.
+* **An independent second opinion.** The generate task is scored by lm-eval's own IFEval
+  `process_results`, unmodified, aggregated by its `agg_inst_level_acc` (`utils.py` beside
+  the YAML imports both from `lm_eval.tasks.ifeval.utils`), on the response after lm-eval's
+  `remove_whitespace` filter (cai stores responses stripped). `LmEvalScoreAgreement`
+  rescores every logged sample's response text with cai's canonical `score_item` and
+  requires the same verdicts item by item. Both sides use cai's shipped punkt_tab and the
+  same langdetect seed (`cai.pipeline.evaluate`).
+* The invariants live in `cai.invariants.lmeval`; this module runs them.
 
 Importing this module is cheap: lm-eval, datasets and torch are imported on first use.
 """
@@ -40,18 +45,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
-import json
 import logging
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from cai.errors import BadInputError
-from cai.invariants.base import Invariant, Severity, raise_on_failures
-from cai.invariants.markers import control_token_ids
+from cai.invariants.base import raise_on_failures
+from cai.invariants.lmeval import (IFEVAL_METRICS, LMEVAL_IFEVAL_SCORER, ROLLING_REQUEST, EncodingProbe,
+                                   LmEvalNoControlTokens, LmEvalPromptParity, LmEvalScoreAgreement, ParityProbe,
+                                   ScoreAgreementProbe)
 from cai.pipeline import formats
 
 LMEVAL_DIR = Path(__file__).resolve().parent.parent / "data" / "lmeval"
@@ -62,14 +67,8 @@ SCHEMAS = ("ifeval", "multiple_choice")
 # What cai passes to lm-eval, and what LmEvalPromptParity checks was passed.
 APPLY_CHAT_TEMPLATE = False
 SYSTEM_INSTRUCTION = None
-# lm-eval request types whose encoding prepends `prefix_token_id` regardless of the context.
-ROLLING_REQUEST = "loglikelihood_rolling"
-IFEVAL_METRICS = {  # lm-eval metric name -> cai ScoreReport field
-    "prompt_level_strict_acc": "prompt_level_strict",
-    "inst_level_strict_acc": "instruction_level_strict",
-    "prompt_level_loose_acc": "prompt_level_loose",
-    "inst_level_loose_acc": "instruction_level_loose",
-}
+# cai's ScoreReport fields reported beside lm-eval's IFEval metrics.
+CANONICAL_FIELDS = tuple(report_field for _, report_field in IFEVAL_METRICS.values())
 
 
 def _sha256(path: Path) -> str:
@@ -154,14 +153,17 @@ def _docs(records: list[dict], schema: str, format_name: str, path: Path) -> lis
                 f"{path}: record {record_key(schema, rec)!r} declares format {rec['format']!r} but the run "
                 f"renders {format_name!r}")
         if schema == "ifeval":
+            # what lm-eval's IFEval `process_results` reads (key, prompt, instruction_id_list,
+            # kwargs), as its own IFEval task gets it: `datasets` unifies the kwargs dicts into
+            # one schema padded with None, which lm-eval's checkers drop (LmEvalScoreAgreement
+            # scores cai's side from the source file, so a value lost here shows up there).
             docs.append({
                 "key": record_key(schema, rec),
+                "prompt": rec["prompt"],
                 "instruction": rec["instruction"],
                 "format": format_name,
                 "instruction_id_list": list(rec["instruction_id_list"]),
-                # the whole record, byte-faithful: `datasets` would otherwise unify the
-                # heterogeneous `kwargs` dicts into one schema padded with None values.
-                "cai_item": json.dumps(rec, ensure_ascii=False, sort_keys=True),
+                "kwargs": [dict(kw) for kw in rec["kwargs"]],
             })
         else:
             docs.append({
@@ -182,12 +184,17 @@ def load_task_dataset(data_file: str, schema: str, config_source: str | None = N
     Called by lm-eval with the task's metadata and `dataset_kwargs` as keyword arguments;
     `cai_format` (metadata) names the prompt format, default `instruction_response`."""
     import datasets
+    import pyarrow as pa
 
     format_name = metadata.get(FORMAT_METADATA_KEY) or DEFAULT_FORMAT
     formats.get_format(format_name)
     path = resolve_data_file(data_file, config_source)
     docs = _docs(read_records(path, schema), schema, format_name, path)
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(docs)})
+    try:
+        return datasets.DatasetDict({split: datasets.Dataset.from_list(docs)})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise BadInputError(f"{path}: the records do not fit one table schema (an argument with two types?): "
+                            f"{str(err).splitlines()[0]}") from err
 
 
 # --------------------------------------------------------------------------- hooks
@@ -202,252 +209,6 @@ def doc_to_text(doc: dict) -> str:
 def doc_to_choice(doc: dict) -> list[str]:
     """lm-eval `doc_to_choice`: each option as the completion cai would append to the prompt."""
     return [formats.COMPLETION_PREFIX + c for c in doc["choices"]]
-
-
-def process_results_ifeval(doc: dict, results: list[str]) -> dict:
-    """lm-eval `process_results` for the generate task: cai's canonical `score_item` on the
-    stripped response (cai stores responses stripped), so lm-eval's numbers are cai's."""
-    from cai.pipeline.evaluate import score_item
-
-    r = score_item(json.loads(doc["cai_item"]), results[0].strip())
-    return {
-        "prompt_level_strict_acc": r["prompt_level_strict"],
-        "inst_level_strict_acc": r["follow_instruction_list_strict"],
-        "prompt_level_loose_acc": r["prompt_level_loose"],
-        "inst_level_loose_acc": r["follow_instruction_list_loose"],
-    }
-
-
-def agg_inst_level_acc(items: Sequence[Sequence[bool]]) -> float:
-    """Instruction-level accuracy: every instruction of every prompt pooled (IFEval's rule)."""
-    flat = [x for sub in items for x in sub]
-    return sum(flat) / len(flat) if flat else 0.0
-
-
-# --------------------------------------------------------------------------- invariants
-
-
-@dataclass
-class EncodingProbe:
-    """Subject of `LmEvalNoControlTokens`: the HFLM, the requests built for the run
-    (`(request_type, args)`), and -- after a run -- the token ids lm-eval fed the model."""
-
-    lm: Any
-    requests: list[tuple[str, tuple]]
-    observed: dict[str, list] | None = None
-
-
-class LmEvalNoControlTokens(Invariant):
-    """The ids lm-eval feeds cai's model carry no BOS or other special/control token.
-
-    Prevents the base-model evaluation being scored on `<|im_start|>`-prefixed (chat
-    control) or BOS-prefixed inputs the model never saw in training: an HFLM built with
-    `add_bos_token=True`, a tokenizer that adds BOS, a context that smuggles chat markup,
-    and lm-eval's `prefix_token_id` (the BOS, `<|im_start|>` here), which it prepends to
-    empty contexts and rolling log-likelihood requests. Checked on token ids: every
-    context encoded with HFLM's own encoders must hold no special id and equal cai's
-    `encode`; after a run, the ids actually passed to the model are checked too."""
-
-    name = "lmeval_no_control_tokens"
-    severity = Severity.ERROR
-
-    def _check(self, probe: EncodingProbe):
-        from cai.pipeline.generation import encode_pair
-        from cai.pipeline.models import encode
-
-        lm = probe.lm
-        tok = lm.tokenizer
-        special = control_token_ids(tok)
-        problems: list[str] = []
-        examples: list[dict] = []
-
-        def offend(kind: str, text: str, ids: list[int]) -> bool:
-            bad = [i for i in ids if i in special]
-            if bad:
-                if len(examples) < 5:
-                    examples.append({"request": kind, "context": text[:80], "first_ids": ids[:6],
-                                     "special": sorted({f"{i} {special[i]}" for i in bad})})
-                return True
-            return False
-
-        add_bos = getattr(lm, "add_bos_token", None)
-        if add_bos is not False:
-            problems.append(f"HFLM add_bos_token={add_bos!r} (must be False: the encoding must not depend on the "
-                            "tokenizer's default)")
-        prefix = getattr(lm, "prefix_token_id", None)
-        types = defaultdict(int)
-        for rtype, _ in probe.requests:
-            types[rtype] += 1
-        if types.get(ROLLING_REQUEST):
-            problems.append(f"{types[ROLLING_REQUEST]} {ROLLING_REQUEST} request(s): lm-eval prepends prefix_token_id "
-                            f"{prefix} ({special.get(prefix, '?')}) to every one")
-        empty = sum(1 for rtype, args in probe.requests if rtype != ROLLING_REQUEST and args[0] == "")
-        if empty:
-            problems.append(f"{empty} request(s) with an empty context: lm-eval encodes them as [prefix_token_id "
-                            f"{prefix} ({special.get(prefix, '?')})]")
-
-        n_bad = n_mismatch = 0
-        gen_contexts = sorted({args[0] for rtype, args in probe.requests if rtype == "generate_until" and args[0]})
-        for ctx in gen_contexts:
-            ids = list(lm.tok_encode(ctx))
-            n_bad += offend("generate_until", ctx, ids)
-            n_mismatch += ids != encode(tok, ctx)
-        for start in range(0, len(gen_contexts), 8):  # the batched path generate_until really uses
-            batch = gen_contexts[start:start + 8]
-            input_ids, mask = lm.tok_batch_encode(batch)
-            for ctx, row, m in zip(batch, input_ids.tolist(), mask.tolist()):
-                ids = [i for i, keep in zip(row, m) if keep]
-                n_bad += offend("generate_until (batched)", ctx, ids)
-                n_mismatch += ids != encode(tok, ctx)
-        pairs = sorted({args[:2] for rtype, args in probe.requests if rtype == "loglikelihood" and args[0]})
-        for ctx, cont in pairs:
-            c_ids, k_ids = (list(x) for x in lm._encode_pair(ctx, cont))
-            n_bad += offend("loglikelihood", ctx + cont, c_ids + k_ids)
-            n_mismatch += (c_ids, k_ids) != encode_pair(tok, ctx, cont)
-        if n_bad:
-            problems.append(f"{n_bad} encoding(s) of requests contain special/control ids")
-        if n_mismatch:
-            problems.append(f"{n_mismatch} encoding(s) of requests differ from cai's encode (add_special_tokens=False)")
-
-        observed_note = "not yet run"
-        if probe.observed is not None:
-            obs_bad = 0
-            ll = probe.observed.get("loglikelihood", [])
-            gen = probe.observed.get("generate_until", [])
-            for c_ids, k_ids in ll:
-                if not c_ids:
-                    obs_bad += 1
-                    problems.append("a loglikelihood request reached the model with an empty context")
-                obs_bad += offend("observed loglikelihood", tok.decode(c_ids + k_ids), list(c_ids) + list(k_ids))
-            for ids in gen:
-                obs_bad += offend("observed generate_until", tok.decode(ids), list(ids))
-            if probe.observed.get(ROLLING_REQUEST):
-                problems.append(f"{probe.observed[ROLLING_REQUEST]} rolling log-likelihood request(s) reached "
-                                "the model")
-            if obs_bad:
-                problems.append(f"{obs_bad} request(s) reached the model with special/control ids")
-            observed_note = (f"observed at run time: {len(gen)} generate_until input rows and {len(ll)} loglikelihood "
-                             f"requests, {obs_bad} with special ids")
-
-        summary = (f"add_bos_token={add_bos!r}, prefix_token_id={prefix}; {len(gen_contexts)} generate_until contexts "
-                   f"and {len(pairs)} loglikelihood (context, option) pairs encoded by HFLM; special ids checked: "
-                   f"{sorted(special)}; {observed_note}")
-        details = {"add_bos_token": add_bos, "prefix_token_id": prefix, "request_types": dict(types),
-                   "examples": examples}
-        if problems:
-            return False, "; ".join(problems) + f" ({summary})", details
-        return True, f"no BOS/special ids, no empty contexts, identical to cai's encode: {summary}", details
-
-
-@dataclass
-class ParityProbe:
-    """Subject of `LmEvalPromptParity`: what lm-eval built (one row per request) and the
-    source records of each task, read by cai independently of lm-eval."""
-
-    format_name: str
-    tokenizer: Any
-    rows: list[dict]  # task, schema, request_type, key, args
-    records: dict[str, dict[str, dict]]  # task -> key -> source record
-    apply_chat_template: Any = False
-    system_instruction: Any = None
-    num_fewshot: dict[str, Any] = field(default_factory=dict)
-    stage: str = "built"
-
-
-class LmEvalPromptParity(Invariant):
-    """Every context lm-eval builds equals `formats.render(format, instruction)` of the
-    source record; MC options equal `COMPLETION_PREFIX + option`; generation stops are the
-    format's; no chat template, system prompt or few-shot examples.
-
-    Prevents the audit's finding 2 (trained on "Instruction: x\\nResponse:", evaluated on
-    raw instructions) from returning through a second evaluation harness, and finding 1
-    (a chat template applied to a base model) through lm-eval's own options."""
-
-    name = "lmeval_prompt_parity"
-    severity = Severity.ERROR
-
-    def _check(self, probe: ParityProbe):
-        problems: list[str] = []
-        bad_examples: list[dict] = []
-        stops = list(formats.stop_sequences(probe.format_name))
-        if probe.apply_chat_template:
-            problems.append(f"apply_chat_template={probe.apply_chat_template!r}")
-        if probe.system_instruction:
-            problems.append("a system instruction is set")
-        if getattr(probe.tokenizer, "chat_template", None) is not None:
-            problems.append("the tokenizer carries a chat template (load it through cai.pipeline.models)")
-        shots = {t: n for t, n in probe.num_fewshot.items() if n not in (0, None)}
-        if shots:
-            problems.append(f"few-shot examples configured: {shots}")
-        mismatched = 0
-        per_doc: dict[tuple[str, str], list[dict]] = defaultdict(list)
-        for row in probe.rows:
-            per_doc[(row["task"], row["key"])].append(row)
-        for (task, key), rows in per_doc.items():
-            rec = probe.records.get(task, {}).get(key)
-            if rec is None:
-                problems.append(f"{task}: lm-eval built a request for key {key!r}, which is not in the source data")
-                continue
-            schema = rows[0]["schema"]
-            instruction = rec.get("instruction", rec.get("prompt")) if schema == "ifeval" else rec["question"]
-            expected = formats.render(probe.format_name, instruction)
-            ok = all(r["args"][0] == expected for r in rows)
-            if schema == "ifeval":
-                ok &= len(rows) == 1 and rows[0]["request_type"] == "generate_until"
-                gk = rows[0]["args"][1] if len(rows[0]["args"]) > 1 else {}
-                if list(gk.get("until", [])) != stops or gk.get("do_sample") not in (False, None) \
-                        or gk.get("temperature", 0.0) not in (0, 0.0):
-                    ok = False
-                    problems.append(f"{task} key {key}: generation settings {gk!r} are not greedy with the "
-                                    f"format's stops {stops!r}")
-            else:
-                conts = [r["args"][1] for r in rows]
-                ok &= all(r["request_type"] == "loglikelihood" for r in rows)
-                ok &= conts == [formats.COMPLETION_PREFIX + c for c in rec["choices"]]
-            if not ok:
-                mismatched += 1
-                if len(bad_examples) < 3:
-                    bad_examples.append({"task": task, "key": key, "expected": expected,
-                                         "got": [r["args"][:2] for r in rows][:4]})
-        if mismatched:
-            problems.append(f"{mismatched} doc(s) whose lm-eval requests differ from formats.render / the options")
-        n_docs = len(per_doc)
-        summary = (f"{probe.stage}: {n_docs} docs / {len(probe.rows)} requests in format {probe.format_name!r}; "
-                   f"stops {stops!r}; apply_chat_template={probe.apply_chat_template!r}, no system prompt, 0-shot")
-        if n_docs == 0:
-            problems.append("no requests to check")
-        if problems:
-            return False, "; ".join(problems) + f" ({summary})", {"examples": bad_examples}
-        return True, f"every context == formats.render(...), every option == ' ' + option: {summary}"
-
-
-@dataclass
-class ScoreAgreementProbe:
-    task: str
-    lm_eval_metrics: dict[str, float]
-    canonical: Any  # ScoreReport
-
-
-class LmEvalScoreAgreement(Invariant):
-    """lm-eval's aggregated IFEval-style metrics equal cai's canonical `score()` recomputed
-    from lm-eval's logged responses. Prevents two evaluation paths reporting different
-    numbers for the same responses (the audit's "four incomparable scoring methods")."""
-
-    name = "lmeval_score_agreement"
-    severity = Severity.ERROR
-
-    def _check(self, probe: ScoreAgreementProbe):
-        diffs = []
-        pairs = []
-        for metric, fieldname in IFEVAL_METRICS.items():
-            ours = getattr(probe.canonical, fieldname)
-            theirs = probe.lm_eval_metrics.get(metric)
-            pairs.append(f"{metric} {theirs} vs {ours}")
-            if theirs is None or abs(float(theirs) - float(ours)) > 1e-12:
-                diffs.append(f"{metric}: lm-eval {theirs} != canonical {ours}")
-        if diffs:
-            return False, f"{probe.task}: " + "; ".join(diffs)
-        return True, f"{probe.task} over {probe.canonical.n_prompts} prompts, lm-eval == canonical: " + ", ".join(pairs)
 
 
 # --------------------------------------------------------------------------- bridge
@@ -608,9 +369,10 @@ def run_lm_eval(model, tokenizer, *, tasks: Sequence[str] = DEFAULT_TASKS, limit
 
 def _run(model, tokenizer, *, tasks, limit, batch_size, format_name, lm, max_gen_toks, cross_check,
          raise_on_failure) -> dict[str, Any]:
+    import langdetect
     from lm_eval import simple_evaluate
 
-    from cai.pipeline.evaluate import score
+    from cai.pipeline.evaluate import _pin_langdetect, score
 
     started = time.perf_counter()
     formats.get_format(format_name)
@@ -662,11 +424,13 @@ def _run(model, tokenizer, *, tasks, limit, batch_size, format_name, lm, max_gen
     # ---- the run
     recorder = _IdRecorder(lm)
     lm_started = time.perf_counter()
+    _pin_langdetect()  # lm-eval's process_results runs with the seed cai's score_item pins
     with recorder:
         out = simple_evaluate(model=lm, tasks=list(loaded.values()), samples=samples or None,
                               apply_chat_template=APPLY_CHAT_TEMPLATE, system_instruction=SYSTEM_INSTRUCTION,
                               fewshot_as_multiturn=False, log_samples=True, task_manager=tm)
     lm_seconds = time.perf_counter() - lm_started
+    langdetect_seed = langdetect.DetectorFactory.seed
     fewshot_run = {name: out.get("n-shot", {}).get(name, fewshot[name]) for name in loaded}
 
     # ---- after: what really ran
@@ -703,11 +467,14 @@ def _run(model, tokenizer, *, tasks, limit, batch_size, format_name, lm, max_gen
         if info[name]["schema"] == "ifeval":
             report_tasks[name]["contexts"] = dict(contexts[name])
             items = [records[name][k] for k in responses[name]]
-            resp_rows = [{"key": it["key"], "response": responses[name][str(it["key"])].strip()} for it in items]
+            resp_rows = [{"key": it["key"], "response": responses[name][str(it["key"])]} for it in items]
+            post.append(LmEvalScoreAgreement().check(ScoreAgreementProbe(
+                name, loaded[name].config.process_results, out["samples"][name], records[name], metrics,
+                langdetect_seed)))
+            report_tasks[name]["scorer"] = LMEVAL_IFEVAL_SCORER
             rep = score(items, resp_rows)
-            post.append(LmEvalScoreAgreement().check(ScoreAgreementProbe(name, metrics, rep)))
-            canonical[name] = {"scorer": "cai.pipeline.evaluate.score (lm-eval responses, stripped)",
-                               **{f: getattr(rep, f) for f in IFEVAL_METRICS.values()},
+            canonical[name] = {"scorer": "cai.pipeline.evaluate.score (the responses lm-eval scored)",
+                               **{f: getattr(rep, f) for f in CANONICAL_FIELDS},
                                "n_prompts": rep.n_prompts, "n_instructions": rep.n_instructions,
                                "prompt_level_strict_correct": rep.prompt_level_strict_correct,
                                "responses": {str(it["key"]): r["response"] for it, r in zip(items, resp_rows)}}
@@ -753,6 +520,6 @@ def _cross_check(model, tokenizer, items: list[dict], lm_rows: list[dict], forma
     rows = [{"key": it["key"], "response": o.text.strip()} for it, o in zip(items, outs)]
     rep = score(items, rows)
     differ = [str(it["key"]) for it, a, b in zip(items, rows, lm_rows) if a["response"] != b["response"]]
-    return {**{f: getattr(rep, f) for f in IFEVAL_METRICS.values()},
+    return {**{f: getattr(rep, f) for f in CANONICAL_FIELDS},
             "prompt_level_strict_correct": rep.prompt_level_strict_correct,
             "identical_responses": len(items) - len(differ), "n": len(items), "differing_keys": differ}
