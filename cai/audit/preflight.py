@@ -109,11 +109,14 @@ def projection(cfg: RunConfig, run_dir: Path, sample: int, target: int) -> dict[
 
 
 def cli_main(args) -> int:
-    from cai.pipeline.runner import log, run_pipeline
+    from cai.pipeline.runner import check_output_path, check_runnable, log, run_pipeline, stage_fault
 
     cfg = load_config(args.config)
     sample = args.sample or DEFAULT_SAMPLE
     out_dir = Path(args.out) if args.out else Path("reports") / "preflight"
+    # what `cai run` would refuse is refused before a report is written; offline readiness is a compliance row
+    check_output_path(out_dir, "--out")
+    check_runnable(cfg, config_path=args.config, offline=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = compliance(cfg)
     report: dict[str, Any] = {"config": str(args.config), "sample": sample, "target": args.target,
@@ -127,6 +130,10 @@ def cli_main(args) -> int:
                 rehearsal_ok = True
             except CaiError as err:
                 report["rehearsal_error"] = str(err).splitlines()[0]
+            except Exception as err:
+                if (fault := stage_fault(err, cfg, run_dir, args.config)) is None:
+                    raise
+                report["rehearsal_error"] = str(fault)
             report["projection"] = projection(cfg, run_dir, sample, args.target)
     else:
         report["rehearsal_error"] = "skipped: compliance rows failed"

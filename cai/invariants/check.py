@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from cai.errors import ArtifactError, BadInputError, ConfigError
-from cai.invariants.base import Invariant, Result, Status, all_passed, evaluate
+from cai.invariants.base import Invariant, Result, Severity, Status, all_passed, evaluate
 
 MODEL_ALIASES = ("embedded", "tiny-random")
 REPORT_KEYS = ("name", "status", "severity", "evidence")
@@ -63,13 +63,16 @@ def check_model(source: str | Path, *, allow_pickle: bool = False) -> Report:
     """Model-level leakage sentinels for a checkpoint (tokenizer loaded, weights not)."""
     from cai.config import ModelConfig
     from cai.invariants.leakage import check_tokenizer
-    from cai.pipeline.models import TINY_RANDOM, load_tokenizer, resolve_source, weight_files
+    from cai.pipeline.models import TINY_RANDOM, load_tokenizer, remote_code, resolve_source, weight_files
 
     resolved = resolve_source(ModelConfig(source=str(source), allow_pickle=allow_pickle))
     if resolved.kind != TINY_RANDOM:
         weight_files(Path(resolved.path), allow_pickle)  # no weights -> ModelLoadError (exit 2)
+    note = remote_code(resolved.path, trust_remote_code=False)  # loadable only by running its code -> exit 2
     tok, prov = load_tokenizer(resolved.path)
     results = check_tokenizer(tok, prov, source_dir=resolved.path)
+    results.append(Result("remote_code_not_run", Status.WARN if note else Status.PASS, Severity.WARN,
+                          note or "config.json names no remote code (no auto_map)"))
     return Report(str(source), "model", results, {"resolved": resolved.path, "tokenizer": prov})
 
 
@@ -253,9 +256,12 @@ def classify(path: str) -> str:
     if p.is_dir():
         if (p / MANIFEST).is_file():
             return "artifact"
-        if find_artifacts(p):
+        if find_artifacts(p) or (p / "run.json").is_file():
             return "run"
-        return "model"
+        if (p / "config.json").is_file() or any(q.suffix in WEIGHT_SUFFIXES + PICKLE_SUFFIXES for q in p.iterdir()):
+            return "model"
+        raise BadInputError(f"{p}: not a model, artifact or run directory (no config.json or weights, "
+                            "no manifest.json below it)")
     if p.suffix in (".jsonl", ".gguf", ".json") or path.startswith((".", "/", "~")) or p.exists():
         raise BadInputError(f"{p}: path not found")
     return "model"  # a hub id: resolves only from the local cache
@@ -289,7 +295,7 @@ def format_text(reports: Iterable[Report]) -> str:
         for r in rep.results:
             lines.append(f"  {r.status.value.upper():4}  {r.name:<{width}}  {_oneline(r.evidence, 160)}")
         failed = rep.failed
-        warns = sum(r.status == Status.WARN for r in rep.results)
+        warns = [r.name for r in rep.results if r.status == Status.WARN]
         if failed:
             verdict = f"FAIL: {len(failed)} invariant(s) failed: {', '.join(r.name for r in failed)}"
         elif rep.kind == "model":
@@ -297,7 +303,7 @@ def format_text(reports: Iterable[Report]) -> str:
         else:
             verdict = "OK: all invariants passed"
         if warns:
-            verdict += f" ({warns} warning(s))"
+            verdict += f" ({len(warns)} warning(s): {', '.join(warns)})"
         lines.append(f"  => {verdict}")
     return "\n".join(lines)
 
@@ -311,3 +317,4 @@ def cli_main(args) -> int:
     else:
         print(format_text(reports))
     return 0 if all(r.ok for r in reports) else 1
+    from cai.pipeline.models import PICKLE_SUFFIXES, WEIGHT_SUFFIXES

@@ -202,6 +202,57 @@ def weight_files(directory: Path, allow_pickle: bool) -> list[Path]:
 
 # --------------------------------------------------------------------------- tokenizer
 
+def remote_code(directory: str | Path, trust_remote_code: bool) -> str | None:
+    """What the checkpoint's `config.json` `auto_map` would run, found before anything
+    loads. None: it names no code. A note: transformers implements the `model_type`
+    natively and, with model.trust_remote_code off, loads its own class, not the shipped
+    code. ModelLoadError: the checkpoint loads only by running its own code and
+    model.trust_remote_code is off (transformers would stop at load time, mid-run)."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{path}: unreadable model config ({type(err).__name__})") from None
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not auto_map:
+        return None
+    code = ", ".join(f"{k} -> {v}" for k, v in sorted(auto_map.items()))
+    if trust_remote_code:
+        return f"{path}: auto_map runs the checkpoint's own code ({code}): model.trust_remote_code is on"
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return (f"{path}: auto_map names remote code ({code}), not run (trust_remote_code off): "
+                f"transformers' own {model_type!r} implementation is loaded instead")
+    raise ModelLoadError(f"{path}: auto_map names remote code ({code}) and model_type {model_type!r} is not built into "
+                         "transformers; cai runs no checkpoint code (model.trust_remote_code is off)")
+
+
+def check_device(model_cfg: ModelConfig) -> None:
+    """The device and quantization backend the config names exist on this machine: found
+    before a run writes anything, not when the model is moved after the run started."""
+    import torch
+
+    name = model_cfg.device
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ModelLoadError(f"model.device: {name!r} is not a torch device (cpu, cuda, cuda:N, mps, ...)") from None
+    available = ["cpu"]
+    if torch.accelerator.is_available():
+        available.append(torch.accelerator.current_accelerator().type)
+    if device.type not in available:
+        raise ModelLoadError(f"model.device: {name!r}: no {device.type} device on this machine (available: {', '.join(available)})")
+    count = torch.accelerator.device_count() if device.type != "cpu" else 1
+    if device.type != "cpu" and device.index is not None and device.index >= count:
+        raise ModelLoadError(f"model.device: {name!r}: this machine has {count} {device.type} device(s), 0..{count - 1}")
+    if model_cfg.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(f"model.quantization: {model_cfg.quantization!r} needs bitsandbytes, which is not installed")
+
+
 
 def _refuse_chat_template(self, *args, **kwargs):
     raise ChatTemplateDisabledError(CHAT_TEMPLATE_REFUSAL)

@@ -8,7 +8,9 @@ plus adapters). A failed error-severity invariant stops the run with exit 1.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,8 +21,8 @@ from cai.config import RunConfig, load_config
 from cai.errors import ArtifactError, BadInputError, CaiError, InvariantError
 from cai.harness.session import VOID_EXIT_CODE
 from cai.invariants.base import Result, Severity, Status, raise_on_failures
-from cai.pipeline.sharding import (LOCK_FILE, OWNER_LOCK, Shard, claim, complete_shards, existing_shards, run_lock,
-                                   shard_dir, wait_until)
+from cai.pipeline.sharding import (LOCK_FILE, OWNER_LOCK, SHARDS_DIR, Shard, claim, complete_shards, existing_shards,
+                                   run_lock, shard_dir, wait_until)
 from cai.pipeline.store import (MANIFEST, Artifact, ArtifactWriter, input_entry, read_artifact, read_manifest,
                                 write_json_atomic)
 
@@ -31,25 +33,148 @@ def log(message: str) -> None:
     print(f"[cai] {message}", file=sys.stderr, flush=True)
 
 
+RUN_INDEX = "run.json"
+
+
+def read_run_index(out: Path) -> dict[str, Any]:
+    """`OUT/run.json`, the run's index: the one reader of it, so that no command adopts a
+    directory that is not a run. Not a directory, no run.json, unreadable bytes, invalid or
+    truncated JSON, or an object without the config hash: bad input naming the file."""
+    from cai.pipeline.store import read_json_object
+
+    out = Path(out)
+    if not out.is_dir():
+        raise BadInputError(f"{out}: run directory not found")
+    path = out / RUN_INDEX
+    if not path.is_file():
+        raise BadInputError(f"{out}: not a cai run directory (no {RUN_INDEX}); refusing to treat it as one")
+    index = read_json_object(path, error=BadInputError)
+    if not isinstance(index.get("config_hash"), str):
+        raise BadInputError(f"{path}: not a cai run index (no 'config_hash')")
+    return index
+
+
+def _machinery(path: Path) -> bool:
+    """Lock files a cai process creates before any run data (its claim on the directory)."""
+    if path.name in (LOCK_FILE, OWNER_LOCK):
+        return True
+    return path.name == SHARDS_DIR and path.is_dir() and all(p.is_file() and p.suffix == ".lock" for p in path.iterdir())
+
+
+def check_out_dir(out: Path, cfg: RunConfig, *, resume: bool) -> dict[str, Any] | None:
+    """Whether `cai run` may write its run into `out`, decided before it writes there: the
+    index of the run to continue, or None to start afresh (`out` absent or empty, or a run
+    interrupted before its first stage: the same command starts it again). Refused: a file,
+    a directory that is not a run, a started run without --resume, or with another config."""
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"{out}: exists and is not a directory (--out names the run directory)")
+    entries = [p for p in out.iterdir() if not _machinery(p)] if out.is_dir() else []
+    if not entries:
+        return None
+    index = read_run_index(out)
+    if not index.get("stages") and all(p.name == RUN_INDEX for p in entries):
+        return None
+    if not resume:
+        raise BadInputError(f"{out}: run directory exists and is not empty (use --resume or another --out)")
+    if index["config_hash"] != cfg.hash():
+        raise BadInputError(f"{out}: was started with another config (hash {index['config_hash'][:12]}); "
+                            "resume needs the same config")
+    return index
+
+
+def check_output_path(path: Path, what: str) -> None:
+    """`path` (a directory, made later) can be created and written. Tried, not asked: as
+    root `os.access` says yes to a read-only or immutable directory. The probe is removed."""
+    import tempfile
+
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise BadInputError(f"{what} {path}: {existing} is not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".cai-probe-", dir=existing))
+    except OSError as err:
+        raise BadInputError(f"{what} {path}: cannot write in {existing} ({err.strerror})") from None
+
+
+def discard_unstarted(out: Path, *, remove_dir: bool) -> None:
+    """Remove what a run that stopped before its first stage wrote (run.json, its locks),
+    and `out` itself when this process created it: a failed start leaves nothing behind."""
+    import shutil
+
+    if not out.is_dir() or any(not _machinery(p) and p.name != RUN_INDEX for p in out.iterdir()):
+        return
+    for p in out.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if remove_dir:
+        out.rmdir()
+
+
+STAGE_LIMITS = {  # stage -> (batch-size key, length key): what an out-of-memory message tells to lower
+    "candidates": ("instructions.batch_size", "instructions.max_new_tokens"),
+    "instructions": ("critic.batch_size", None),
+    "responses": ("responses.batch_size", "responses.max_new_tokens"),
+    "sft": ("sft.batch_size", "sft.max_length"),
+    "dpo": ("dpo.batch_size", "dpo.max_length"),
+    "eval": ("eval.batch_size", "eval.max_new_tokens"),
+}
+
+
+def stage_in_progress(out: Path) -> str | None:
+    """The first stage without a complete artifact: stages run in order, so the one a
+    failure interrupted (None once all are complete)."""
+    for stage in STAGES:
+        try:
+            if not read_manifest(out / stage).get("complete"):
+                return stage
+        except ArtifactError:
+            return stage
+    return None
+
+
+def stage_fault(err: BaseException, cfg: RunConfig, out: Path, config_path: str) -> CaiError | None:
+    """A failure of the machine during a run, said in the run's terms: the stage; for out of
+    memory also the batch size in use and what to lower; for a full disk, a refused write
+    or a read-only file system the file system's words. None for any other failure."""
+    from cai.errors import EnvironmentFault, OutOfMemory, describe_os_error, os_error_in
+
+    stage = stage_in_progress(out)
+    where = f"stage {stage}" if stage else "evaluation (pytest suites/)"
+    resume = f"then continue with `cai run {config_path} --out {out} --resume`"
+    torch = sys.modules.get("torch")  # an out-of-memory error from torch means torch is loaded
+    if isinstance(err, MemoryError) or (torch is not None and isinstance(err, torch.OutOfMemoryError)):
+        memory = "host memory" if isinstance(err, MemoryError) else f"{cfg.model.device} memory"
+        batch_key, length_key = STAGE_LIMITS.get(stage, (None, None))
+        if batch_key is None:
+            advice = "free memory on the device"
+        else:
+            section, key = batch_key.split(".")
+            value = getattr(getattr(cfg, section), key)
+            advice = f"at {batch_key} = {value}: lower {batch_key}" + (f" or {length_key}" if length_key else "")
+            if stage in ("sft", "dpo"):
+                advice += f" (raise {stage}.grad_accum to keep the effective batch)"
+        if cfg.model.quantization == "none":
+            advice += ", or set model.quantization: 8bit / 4bit"
+        return OutOfMemory(f"{where}: out of {memory} {advice}; {resume}")
+    if (os_err := os_error_in(err)) is not None:
+        fix = {errno.ENOSPC: "free space", errno.EDQUOT: "free space", errno.EROFS: "make it writable"}.get(os_err.errno, "fix it")
+        return EnvironmentFault(f"{where}: {describe_os_error(os_err)}; {fix}, {resume}")
+    return None
+
+
 class Run:
     """A run directory: one artifact per stage plus `run.json`, the index."""
 
     def __init__(self, cfg: RunConfig, out: Path, *, resume: bool):
         self.cfg, self.out, self.resume = cfg, out, resume
-        self.index_path = out / "run.json"
+        self.index_path = out / RUN_INDEX
         self.slot_events_mark = 0  # SLOT_EVENTS index when the current stage's slot opened
-        if out.exists() and any(p.name not in (LOCK_FILE, OWNER_LOCK) for p in out.iterdir()) and not resume:
-            raise BadInputError(f"{out}: run directory exists and is not empty (use --resume or another --out)")
-        if resume and self.index_path.is_file():
-            index = json.loads(self.index_path.read_text())
-            if index.get("config_hash") != cfg.hash():
-                raise BadInputError(f"{out}: was started with another config (hash {index.get('config_hash', '?')[:12]}); "
-                                    "resume needs the same config")
+        previous = check_out_dir(out, cfg, resume=resume)
         out.mkdir(parents=True, exist_ok=True)
         self.index: dict[str, Any] = {"name": cfg.name, "config_hash": cfg.hash(), "config": cfg.model_dump(mode="json"),
                                       "stages": {}, "status": "running"}
-        if self.index_path.is_file():
-            previous = json.loads(self.index_path.read_text())
+        if previous is not None:
             self.index["stages"] = previous.get("stages", {})
             self.index["slot_events"] = previous.get("slot_events", [])
         self.save()
@@ -58,7 +183,7 @@ class Run:
         """Write run.json, keeping what other processes (the shards of a split) recorded since
         this one read it: their stages and their slot events."""
         if self.index_path.is_file():
-            disk = json.loads(self.index_path.read_text())
+            disk = read_run_index(self.out)
             self.index["stages"] = {**disk.get("stages", {}), **self.index["stages"]}
             seen = {json.dumps(e, sort_keys=True) for e in disk.get("slot_events", [])}
             self.index["slot_events"] = disk.get("slot_events", []) + [
@@ -451,19 +576,45 @@ def run_stages(run: Run, todo: list[str]) -> None:
             raise_on_failures(evaluate(memory_invariants(), None))
 
 
-def check_runnable(cfg: RunConfig) -> None:
-    """Bad input (exit 2) found before anything is written or loaded: a model source that
-    does not resolve, a generation backend `cai run` cannot drive."""
-    from cai.pipeline.models import TINY_RANDOM, resolve_source, weight_files
+def check_runnable(cfg: RunConfig, out: Path | None = None, *, resume: bool = False,
+                   config_path: str | None = None, offline: bool = True) -> None:
+    """Everything a run can know before it writes a byte into `out` or loads a model, in
+    one place for `cai run` and `cai preflight`: the generation backend, the run directory
+    (with `out`), the device and quantization backend, the eval sets, the model source, its
+    weights, remote code and tokenizer, and (`offline`) offline readiness. Bad input is one
+    line naming the config file (`config_path`) and key; a failed offline invariant is exit 1."""
+    from cai.invariants import evaluate, offline_invariants
+    from cai.pipeline.compare import load_eval_set
+    from cai.pipeline.models import TINY_RANDOM, check_device, load_tokenizer, remote_code, resolve_source, weight_files
+
+    where = f"{config_path}: " if config_path else ""
+
+    def at(key: str, check):
+        try:
+            return check()
+        except BadInputError as err:
+            line = str(err).splitlines()[0]
+            raise type(err)(where + (line if line.startswith(key) else f"{key}: {line}")) from None
 
     if cfg.generation.backend != "hf":
-        raise BadInputError(f"generation.backend: {cfg.generation.backend!r} is not wired into `cai run` "
+        raise BadInputError(f"{where}generation.backend: {cfg.generation.backend!r} is not wired into `cai run` "
                             "(VLLMGenerator exists but was never run: no vLLM on cai's development machines); "
                             "use backend: hf, with `--shard I/N` for one process per GPU")
-
-    resolved = resolve_source(cfg.model)
+    if out is not None:
+        check_out_dir(out, cfg, resume=resume)
+        check_output_path(out, "--out")
+    at("model", lambda: check_device(cfg.model))
+    for i, name in enumerate(cfg.eval.sets):
+        at(f"eval.sets[{i}]", lambda: load_eval_set(name))
+    resolved = at("model.source", lambda: resolve_source(cfg.model))
     if resolved.kind != TINY_RANDOM:
-        weight_files(Path(resolved.path), cfg.model.allow_pickle)
+        at("model.source", lambda: weight_files(Path(resolved.path), cfg.model.allow_pickle))
+        note = at("model.source", lambda: remote_code(resolved.path, cfg.model.trust_remote_code))
+        if note:
+            log(note)
+    at("model.source", lambda: load_tokenizer(resolved.path, trust_remote_code=cfg.model.trust_remote_code))
+    if offline:
+        raise_on_failures(evaluate(offline_invariants(cfg.model), None))
 
 
 def run_pipeline(cfg: RunConfig, out: Path, *, resume: bool = False) -> Path:
@@ -491,21 +642,44 @@ def evaluate_run(out: Path) -> Path:
     cmd = [sys.executable, "-m", "pytest", str(suites), "--cai-run", str(out), "-q", "-p", "no:cacheprovider",
            f"--junitxml={out / 'reports' / 'junit.xml'}"]
     log("evaluating: " + " ".join(cmd[2:]))
-    proc = subprocess.run(cmd)
-    if proc.returncode != 0:
-        why = "the run is VOID (an invariant failed)" if proc.returncode & VOID_EXIT_CODE else "evaluation tests failed"
+    returncode = run_child(cmd)
+    if returncode != 0:
+        why = "the run is VOID (an invariant failed)" if returncode & VOID_EXIT_CODE else "evaluation tests failed"
         raise InvariantError([Result("evaluation_suites", Status.FAIL, Severity.ERROR,
-                                     f"pytest suites/ exited {proc.returncode}: {why}")])
+                                     f"pytest suites/ exited {returncode}: {why}")])
     return out / "reports" / "report.md"
 
 
+def run_child(cmd: list[str]) -> int:
+    """Run `cmd` to completion as a child that dies with this process: on Linux the kernel
+    sends it SIGTERM when the parent dies, even by SIGKILL, when no handler of ours can run."""
+    if not sys.platform.startswith("linux"):
+        return subprocess.run(cmd).returncode
+    parent = os.getpid()
+
+    def die_with_parent() -> None:
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1  # <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(128 + signal.SIGTERM)
+
+    return subprocess.run(cmd, preexec_fn=die_with_parent).returncode
+
+
 def cli_main(args) -> int:
+    """`cai run`. Bad input is refused before the run directory is touched; a start that fails
+    before its first stage leaves nothing behind; a fault of the machine (memory, disk,
+    permissions) is reported with the stage it hit (exit codes: cai.cli.EXIT_CODES)."""
     cfg = load_config(args.config)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     shard = Shard.parse(args.shard) if args.shard else None
     started = time.time()
+    check_runnable(cfg, out, resume=args.resume or shard is not None, config_path=args.config)
+    existed = out.exists()
     try:
-        check_runnable(cfg)  # bad input is refused before the claim creates the directory
         if shard is not None:
             with claim(out, shard):
                 run_sharded(cfg, out, shard)
@@ -514,11 +688,20 @@ def cli_main(args) -> int:
             print(out)
             return 0
         with claim(out, None):
-            report = run_pipeline(cfg, out, resume=args.resume)
+            try:
+                report = run_pipeline(cfg, out, resume=args.resume)
+            except BaseException:
+                discard_unstarted(out, remove_dir=not existed)
+                raise
     except InvariantError as err:
         log(str(err))
         log(f"run VOID: see {out / 'reports'}")
         return 1
+    except Exception as err:
+        fault = stage_fault(err, cfg, out, args.config)
+        if fault is None:
+            raise
+        raise fault from err
     log(f"done in {time.time() - started:.0f} s; report: {report}")
     print(report)
     return 0
