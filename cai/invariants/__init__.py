@@ -20,7 +20,8 @@ in the manifest via `ArtifactWriter.finalize(invariants=...)`, then `raise_on_fa
 
 from cai.invariants.base import (Invariant, Result, Severity, Status, all_passed, evaluate,
                                  raise_on_failures)
-from cai.invariants.data import (CriticMarginsPresent, DuplicateRate, NonEmptyCompletions,
+from cai.invariants.data import (ChosenDiffersFromRejected, ChosenPassesVerifier, CriticMarginsPresent,
+                                 DuplicateRate, NonEmptyCompletions,
                                  NoTrainEvalOverlap, NoTruncatedCompletions, RecordSchema,
                                  data_invariants, encoding_invariants, eval_response_invariants)
 from cai.invariants.leakage import (ChatTemplateDisabled, ChatTemplateRefuses, ChatTemplateShipped,
@@ -40,7 +41,8 @@ from cai.invariants.records import RecordSet, detect_kind, load_records
 __all__ = [
     "Invariant", "Result", "Severity", "Status", "all_passed", "evaluate", "raise_on_failures",
     "RecordSet", "RecordSchema", "NonEmptyCompletions", "NoTruncatedCompletions", "DuplicateRate",
-    "NoTrainEvalOverlap", "CriticMarginsPresent", "data_invariants", "detect_kind", "load_records",
+    "NoTrainEvalOverlap", "CriticMarginsPresent", "ChosenDiffersFromRejected", "ChosenPassesVerifier",
+    "data_invariants", "detect_kind", "load_records",
     "encoding_invariants", "eval_response_invariants", "prompt_tokenizer_subject",
     "ChatTemplateShipped", "ChatTemplateDisabled", "ChatTemplateRefuses", "NoSpecialTokenIds", "RoundTrip",
     "NoChatMarkers", "SentinelBehaviour", "TokenizerSubject", "ModelSubject", "check_tokenizer",

@@ -378,6 +378,70 @@ class CriticMarginsPresent(Invariant):
         return True, f"{judged}/{len(rs)} record(s) carry a finite critic margin ({field_names}); {unjudged} marked not judged"
 
 
+# --------------------------------------------------------------------------- preference pairs
+
+
+class ChosenDiffersFromRejected(Invariant):
+    """Prevents a pair that prefers a response over itself (chosen == rejected): DPO gets
+    no signal from it and the data records a preference nobody judged. Compared after
+    strip(): the shared completion prefix and trailing newlines are not a preference;
+    inner whitespace is kept (it is text the model is trained to produce) - the same
+    normalisation as `duplicate_rate`'s preference key."""
+
+    name = "chosen_differs_from_rejected"
+
+    def _check(self, subject):
+        rs = as_record_set(subject)
+        if rs.kind != "preference":
+            return True, f"{rs.kind} records have no chosen/rejected"
+        same = [f"{record_id(r, i)!r}" for i, r in enumerate(rs.records)
+                if str(r.get("chosen", "")).strip() == str(r.get("rejected", "")).strip()]
+        if not same:
+            return True, f"chosen != rejected (stripped) in all {len(rs)} pair(s)"
+        return False, _fmt_offenders(same, len(rs), "have chosen == rejected (stripped)")
+
+
+class ChosenPassesVerifier(Invariant):
+    """Prevents preference data that teaches the model to break the instruction's own
+    verifiable constraint (DESIGN.md, verifier gating): where a pair's instruction carries a
+    constraint known exactly (`responses.verifiable_constraint`: IFEval ids and kwargs on the
+    record, or a template type whose checker needs no arguments), its chosen response must
+    pass lm-eval's strict IFEval checker - re-scored here from the record, not read from a
+    flag the stage wrote."""
+
+    name = "chosen_passes_verifier"
+
+    def _check(self, subject):
+        from cai.errors import BadInputError
+        from cai.pipeline.responses import verifiable_constraint, verifier_passes
+
+        rs = as_record_set(subject)
+        if rs.kind != "preference":
+            return True, f"{rs.kind} records have no chosen response"
+        verdicts: dict[tuple, bool] = {}  # a chosen response appears in several pairs: score it once
+        failing, gated = [], 0
+        for i, rec in enumerate(rs.records):
+            try:
+                constraint = verifiable_constraint(rec)
+            except BadInputError as err:  # a constraint that cannot be checked fails closed
+                failing.append(f"{record_id(rec, i)!r} (unverifiable: {err})")
+                gated += 1
+                continue
+            if constraint is None:
+                continue
+            gated += 1
+            chosen = str(rec.get("chosen", "")).strip()
+            key = (repr(constraint["instruction_id_list"]), repr(constraint["kwargs"]), chosen)
+            if key not in verdicts:
+                verdicts[key] = verifier_passes(constraint, chosen)
+            if not verdicts[key]:
+                failing.append(f"{record_id(rec, i)!r} ({', '.join(constraint['instruction_id_list'])})")
+        if not failing:
+            return True, (f"{gated}/{len(rs)} pair(s) carry a verifiable constraint; every chosen passes its "
+                          "IFEval checker (strict)")
+        return False, _fmt_offenders(failing, gated, "with a verifiable constraint have a chosen that fails it")
+
+
 # --------------------------------------------------------------------------- groups
 
 
@@ -403,6 +467,8 @@ def data_invariants(kind: str, *, eval_sets: Mapping[str, Iterable] | None = Non
             invs.append(NoTrainEvalOverlap(eval_sets, ngram))
         if critic_enabled is not None:
             invs.append(CriticMarginsPresent(critic_enabled))
+    if kind == "preference":
+        invs += [ChosenDiffersFromRejected(), ChosenPassesVerifier()]
     return invs
 
 

@@ -13,8 +13,15 @@
     mechanical violation (case, bullets, ending phrase, quotation, title), the chosen
     response with that constraint undone.
 
-Every pair has chosen != rejected; `prompt` = `formats.render(format, instruction)` and
-chosen/rejected carry the completion prefix, exactly like the SFT completion.
+* verifier pairs (`negative_type: "verifier"`, `margin: null`): where responses.py gated the
+  instruction by its IFEval checker, chosen (which passes) against each usable candidate that
+  fails, whatever the critic's gap (kept as `critic_margin_vs_chosen`). A gated record whose
+  chosen fails gives no pair.
+
+Every pair has chosen != rejected and no two pairs are the same (`pair_key`); `prompt` =
+`formats.render(format, instruction)` and chosen/rejected carry the completion prefix,
+exactly like the SFT completion. The stats count the pairs of each rule (`RULES`) and every
+pair dropped, by reason.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from collections import Counter
 from typing import Any, Sequence
 
 from cai.config import RunConfig
+from cai.invariants.data import words
 from cai.pipeline import formats
 from cai.pipeline.generation import derive_seed
 
@@ -36,6 +44,7 @@ FILLER = (
     "It is important to keep all of these points in mind.",
 )
 MIN_WORDS_TO_TRUNCATE = 6
+RULES = ("critic", "verifier", "truncated", "off_topic", "over_verbose", "constraint_ignored")
 
 
 def _response(record: dict) -> str:
@@ -91,30 +100,64 @@ def _pair(rec: dict, rejected_text: str, negative_type: str, margin: float | Non
         "margin": None if margin is None else round(margin, 4),
         "negative_type": negative_type,
         "type": rec.get("type"),
+        "source": rec.get("source"),
         "sft_id": rec["id"],
+        # the constraint travels with the pair, so `chosen_passes_verifier` re-checks it
+        **{k: rec[k] for k in ("instruction_id_list", "kwargs") if k in rec},
     }
 
 
+def pair_key(pair: dict) -> tuple[str, str, str]:
+    """What makes two pairs the same: `duplicate_rate`'s key (normalised instruction, chosen
+    and rejected stripped), so a pair kept here is never an exact duplicate there."""
+    return " ".join(words(pair["instruction"])), pair["chosen"].strip(), pair["rejected"].strip()
+
+
 def build_pairs(cfg: RunConfig, sft_records: Sequence[dict]) -> tuple[list[dict], dict[str, Any]]:
-    """All preference pairs for `sft_records` (deterministic given cfg.seed) and stats."""
+    """All preference pairs for `sft_records` (deterministic given cfg.seed) and stats.
+
+    Rules run in order critic/verifier, then the typed negatives; a pair whose rejected
+    equals its chosen, or which repeats an earlier pair (`pair_key`), is dropped and
+    counted in `skipped` as `<rule>_equals_chosen` / `<rule>_duplicate_of_<earlier rule>`.
+    (A typed negative can equal a critic pair: `off_topic` is another instruction's chosen
+    response, which a small model may also have sampled for this one.) A gated record whose
+    chosen fails its verifier (`verifier.chosen_passes` false, see responses.py) yields no
+    pair at all."""
     records = sorted(sft_records, key=lambda r: r["id"])
     rng = random.Random(derive_seed(cfg.seed, "pairs"))
     offset = 1 + rng.randrange(len(records) - 1) if len(records) > 1 else 0
     pairs: list[dict] = []
+    seen: dict[tuple[str, str, str], str] = {}
     skipped: Counter = Counter()
+
+    def add(pair: dict) -> None:
+        rule, key = pair["negative_type"], pair_key(pair)
+        if key[1] == key[2]:
+            skipped[f"{rule}_equals_chosen"] += 1
+        elif key in seen:
+            skipped[f"{rule}_duplicate_of_{seen[key]}"] += 1
+        else:
+            seen[key] = rule
+            pairs.append(pair)
+
     for n, rec in enumerate(records):
+        gate = rec.get("verifier")
+        if gate and not gate["chosen_passes"]:
+            skipped["chosen_fails_verifier"] += 1
+            continue
         chosen = _response(rec)
         for i, cand in enumerate(rec.get("candidates") or []):
             if i == rec.get("chosen_index") or not cand.get("usable"):
                 continue
             gap = cand.get("margin_vs_chosen")
+            if gate and cand.get("verifier_pass") is False:  # the checker decides, whatever the critic's gap
+                add(dict(_pair(rec, cand["text"], "verifier", None, f"verifier-{i}"), critic_margin_vs_chosen=gap,
+                         instruction_ids=gate["instruction_id_list"]))
+                continue
             if gap is None or gap < cfg.pairs.min_margin:
                 skipped["critic_below_min_margin" if gap is not None else "critic_not_judged"] += 1
                 continue
-            if cand["text"] == chosen:
-                skipped["critic_identical"] += 1
-                continue
-            pairs.append(_pair(rec, cand["text"], "critic", gap, f"critic-{i}"))
+            add(_pair(rec, cand["text"], "critic", gap, f"critic-{i}"))
         if not cfg.pairs.synthetic_negatives:
             continue
         local = random.Random(derive_seed(cfg.seed, "pairs", rec["id"]))
@@ -125,17 +168,16 @@ def build_pairs(cfg: RunConfig, sft_records: Sequence[dict]) -> tuple[list[dict]
             "constraint_ignored": ignore_constraint(chosen, rec.get("type"), rec["instruction"]),
         }
         for kind, text in negatives.items():
-            if text is None or not text.strip() or text.strip() == chosen.strip():
+            if text is None or not text.strip():
                 skipped[f"{kind}_not_applicable"] += 1
                 continue
-            pairs.append(_pair(rec, text, kind, None, kind))
-    for p in pairs:
-        assert p["chosen"] != p["rejected"], p["id"]
+            add(_pair(rec, text, kind, None, kind))
     stats = {
         "sft_records": len(records), "pairs": len(pairs),
-        "by_negative_type": dict(Counter(p["negative_type"] for p in pairs)),
+        "by_negative_type": {rule: sum(p["negative_type"] == rule for p in pairs) for rule in RULES},
         "min_margin": cfg.pairs.min_margin, "synthetic_negatives": cfg.pairs.synthetic_negatives,
-        "skipped": dict(skipped),
+        "verifier_gated_records": sum(1 for r in records if r.get("verifier")),
+        "skipped": dict(sorted(skipped.items())),
     }
     return pairs, stats
 

@@ -18,6 +18,15 @@ pairs from records alone. Cost: N(N-1)/2 judgements (x2 forward passes with swap
 instruction. Usable = non-empty, no chat marker, and ended by itself (a candidate cut by
 `max_new_tokens` would teach the model to stop mid-sentence once EOS is appended).
 
+Verifier gating (DESIGN.md, methodology notes): where an instruction's constraint is known
+exactly (`verifiable_constraint`), every usable candidate gets lm-eval's strict IFEval verdict
+(`verifier_pass`, from the canonical scorer `evaluate.score_item`). A failing candidate is
+never chosen while a passing one exists; an instruction with none counts as unanswered for
+resampling (same `responses.max_rounds` budget). If still none passes, the SFT record is kept,
+chosen by the critic as before, and marked `verifier.chosen_passes: false` (counted in the
+stats): the shortfall rule stays about usable text, and `pairs.py` builds no pair for it, so
+no preference pair ever prefers a failing response.
+
 The stored SFT record's `prompt` is `formats.render(cfg.format, instruction)` alone; the
 few-shot context is scaffolding, identified by `fewshot_context_sha256`.
 """
@@ -29,15 +38,16 @@ import json
 import random
 import time
 from collections import Counter
+from functools import lru_cache
 from itertools import combinations
 from pathlib import Path
 from typing import Any, Sequence
 
 from cai.config import RunConfig
-from cai.errors import CaiError
+from cai.errors import BadInputError, CaiError
 from cai.pipeline import critic, formats
 from cai.pipeline.generation import derive_seed
-from cai.pipeline.instructions import holds_marker
+from cai.pipeline.instructions import TYPES, holds_marker
 
 FEWSHOT_PATH = Path(__file__).resolve().parent.parent / "data" / "seeds" / "fewshot_examples.jsonl"
 
@@ -83,6 +93,63 @@ def unusable_reason(text: str, stop_reason: str) -> str | None:
     return None
 
 
+@lru_cache(maxsize=None)
+def _takes_no_arguments(instruction_id: str) -> bool:
+    """Whether lm-eval's checker for `instruction_id` is fully specified without kwargs
+    (asked of the checker itself via `evaluate.validate_item`, not listed here)."""
+    from cai.pipeline.evaluate import validate_item
+
+    try:
+        validate_item({"key": instruction_id, "instruction_id_list": [instruction_id], "kwargs": [{}]})
+    except BadInputError:
+        return False
+    return True
+
+
+def verifiable_constraint(rec: dict) -> dict | None:
+    """The instruction's verifiable constraint as an IFEval item (`key, prompt,
+    instruction_id_list, kwargs` + `source`), or None when it is not known exactly.
+
+    Known exactly in two cases: the record carries IFEval `instruction_id_list` and `kwargs`
+    (source "record"); or it is a `source: templates` instruction, whose `type` the template
+    set (not guessed), mapping (`instructions.TYPES`) to a checker that needs no arguments:
+    case, JSON, title, quotation, no commas (source "template type"). Not gated: types of
+    model-generated instructions (inferred by keyword rules, which misfire on "explain when
+    to use commas"), and checkers with arguments (counts, phrases, keywords) whose values no
+    record carries."""
+    rid = rec.get("id")
+    if "instruction_id_list" in rec or "kwargs" in rec:
+        from cai.pipeline.evaluate import validate_item
+
+        ids, kwargs = rec.get("instruction_id_list"), rec.get("kwargs")
+        if not (isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids) and isinstance(kwargs, list)
+                and len(kwargs) == len(ids) and all(isinstance(k, dict) for k in kwargs)):
+            raise BadInputError(f"record {rid!r}: instruction_id_list and kwargs must be equal-length lists "
+                                "of ids and objects")
+        item = {"key": rid, "prompt": rec["instruction"], "instruction_id_list": ids, "kwargs": kwargs}
+        if notes := validate_item(item):  # an argument the checker would replace is not this constraint
+            raise BadInputError(f"record {rid!r}: {notes[0]}")
+        return dict(item, source="record")
+    iid = TYPES.get(rec.get("type"))
+    if rec.get("source") == "templates" and iid and _takes_no_arguments(iid):
+        return {"key": rid, "prompt": rec["instruction"], "instruction_id_list": [iid], "kwargs": [{}],
+                "source": "template type"}
+    return None
+
+
+def verifier_passes(constraint: dict, text: str) -> bool:
+    """lm-eval's strict IFEval verdict on one response: the canonical scorer's, so data is
+    gated by the check that scores evaluation."""
+    from cai.pipeline.evaluate import score_item
+
+    return score_item(constraint, text)["prompt_level_strict"]
+
+
+def _acceptable(cand: dict, constraint: dict | None) -> bool:
+    """A candidate the stage may choose: usable and, where gated, passing its checker."""
+    return cand["usable"] and (constraint is None or cand["verifier_pass"])
+
+
 def round_robin(gen, cfg: RunConfig, groups: Sequence[tuple[str, Sequence[str]]]) -> list[dict[tuple[int, int], critic.Judgement]]:
     """Judge every pair (a < b) of texts within each (instruction, texts) group, all groups in
     one batched critic call. Returns per group {(a, b): judgement}, margin > 0 favouring a."""
@@ -107,11 +174,13 @@ def _oriented(table: dict[tuple[int, int], critic.Judgement], a: int, b: int) ->
     return -j.margin, j.disagree
 
 
-def select(table: dict[tuple[int, int], critic.Judgement], k: int) -> tuple[int, list[float]]:
-    """Chosen index among k judged candidates and each one's score: its mean combined margin
-    against the others (ties: the earlier candidate)."""
+def select(table: dict[tuple[int, int], critic.Judgement], k: int,
+           allowed: Sequence[int] | None = None) -> tuple[int, list[float]]:
+    """Chosen index among k judged candidates (restricted to `allowed`, e.g. those passing the
+    verifier) and each one's score: its mean combined margin against all the others (ties:
+    the earlier candidate)."""
     scores = [sum(_oriented(table, i, o)[0] for o in range(k) if o != i) / max(k - 1, 1) for i in range(k)]
-    chosen = max(range(k), key=lambda i: (scores[i], -i))
+    chosen = max(range(k) if allowed is None else allowed, key=lambda i: (scores[i], -i))
     return chosen, scores
 
 
@@ -150,9 +219,10 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
     """Write one SFT record per instruction, unit by unit (with `shard`, only its units); return stats.
     Resumes from `writer.done`: units before the one holding the last written record are
     skipped, that one is replayed and only its missing records written. An instruction with no
-    usable candidate is resampled (new seeds) up to `responses.max_rounds` rounds within its
-    unit; one still without is counted in `dropped`, and the stage refuses the shortfall
-    (`shortfall_error`) rather than hand on a silently smaller dataset."""
+    usable candidate (gated: no usable passing one) is resampled (new seeds) up to
+    `responses.max_rounds` rounds within its unit; one still without a usable candidate is
+    counted in `dropped`, and the stage refuses the shortfall (`shortfall_error`) rather than
+    hand on a silently smaller dataset."""
     started = time.perf_counter()
     rc = cfg.responses
     examples = load_fewshot_examples()
@@ -167,6 +237,7 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
     stats: Counter = Counter()
     stop_reasons: Counter = Counter()
     unusable: Counter = Counter()
+    verifier: Counter = Counter()
     disagreements, judged = 0, 0
     passes_before = gen.counters.get("scored_prompts", 0) if hasattr(gen, "counters") else 0
     n = rc.n_candidates
@@ -177,6 +248,7 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
         contexts = [fewshot_prompt(cfg, rec["instruction"], fewshot_for(cfg, rec["id"], rec["instruction"], examples))
                     for rec in chunk]
         shas = [sha for _, sha in contexts]
+        constraints = [verifiable_constraint(rec) for rec in chunk]
         per_rec: list[list[dict]] = [[] for _ in chunk]
         pending = list(range(len(chunk)))
         for attempt in range(rc.max_rounds):  # the budget: instructions still without a usable candidate resample
@@ -191,9 +263,12 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
                     stop_reasons[out.stop_reason] += 1
                     if reason:
                         unusable[reason] += 1
-                    per_rec[r].append({"text": text, "stop_reason": out.stop_reason, "n_new_tokens": out.n_new_tokens,
-                                       "usable": reason is None, "unusable_reason": reason, "round": attempt + 1})
-            pending = [r for r in pending if not any(c["usable"] for c in per_rec[r])]
+                    cand = {"text": text, "stop_reason": out.stop_reason, "n_new_tokens": out.n_new_tokens,
+                            "usable": reason is None, "unusable_reason": reason, "round": attempt + 1}
+                    if constraints[r] is not None and reason is None:
+                        cand["verifier_pass"] = verifier_passes(constraints[r], text)
+                    per_rec[r].append(cand)
+            pending = [r for r in pending if not any(_acceptable(c, constraints[r]) for c in per_rec[r])]
             if not pending or rc.temperature == 0:  # greedy: another round repeats the same outputs
                 break
         for cands in per_rec:  # the unanswered are counted below, as dropped
@@ -204,13 +279,14 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
                                          for rec, cands, idx in zip(chunk, per_rec, usable_idx)])
                   if cfg.critic.enabled else [{} for _ in chunk])
         records = []
-        for rec, cands, idx, table, sha in zip(chunk, per_rec, usable_idx, tables, shas):
+        for rec, cands, idx, table, sha, constraint in zip(chunk, per_rec, usable_idx, tables, shas, constraints):
             stats["instructions"] += 1
             if not idx:
                 stats["dropped_no_usable_candidate"] += 1
                 continue
+            passing = [li for li, i in enumerate(idx) if _acceptable(cands[i], constraint)]
             if cfg.critic.enabled and len(idx) > 1:
-                local_chosen, local_scores = select(table, len(idx))
+                local_chosen, local_scores = select(table, len(idx), passing or None)
                 chosen = idx[local_chosen]
                 for li, i in enumerate(idx):
                     cands[i]["score"] = round(local_scores[li], 4)
@@ -223,9 +299,16 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
                 selection = "critic_round_robin"
                 margin = local_scores[local_chosen]
             else:
-                chosen = idx[0]
+                chosen = idx[passing[0] if passing else 0]
                 selection = "first_usable (critic off)" if not cfg.critic.enabled else "only_usable_candidate"
                 margin = None
+            gate = None
+            if constraint is not None:
+                gate = {"instruction_id_list": constraint["instruction_id_list"], "kwargs": constraint["kwargs"],
+                        "source": constraint["source"], "chosen_passes": cands[chosen]["verifier_pass"],
+                        "passing_candidates": len(passing)}
+                verifier["gated"] += 1
+                verifier["chosen_passes" if gate["chosen_passes"] else "none_passes"] += 1
             response = cands[chosen]["text"]
             records.append({
                 "id": rec["id"],
@@ -239,8 +322,10 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
                 "chosen_index": chosen,
                 "selection": selection,
                 "candidates": cands,
+                "verifier": gate,
                 "fewshot_context_sha256": sha,
                 "source": rec.get("source"),
+                **{k: rec[k] for k in ("instruction_id_list", "kwargs") if k in rec},
             })
         new = [r for r in records if r["id"] not in done_ids]  # a replayed unit writes only what it lacks
         writer.extend(new)  # a crash loses at most this unit
@@ -253,12 +338,20 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
         "dropped": {"no_usable_candidate": stats["dropped_no_usable_candidate"]},
         "rounds": {"max": rc.max_rounds, **{k: v for k, v in sorted(stats.items()) if k.startswith("answered_in_round_")}},
         "candidates": {"per_instruction": n, "stop_reasons": dict(stop_reasons), "unusable": dict(unusable)},
+        "verifier": verifier_stats(verifier),
         "critic": {"enabled": cfg.critic.enabled, "selection": "round robin, mean combined margin",
                    "judgements": judged, "disagreements": disagreements, "forward_passes": forward,
                    "disagreement_rate": round(disagreements / judged, 4) if judged else None,
                    "chosen_margin": chosen_margin_stats(writer.done)},
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def verifier_stats(counts: Counter | dict) -> dict[str, Any]:
+    """Verifier gating in numbers: instructions gated, and how many got a passing chosen."""
+    return {"gated": counts.get("gated", 0), "chosen_passes": counts.get("chosen_passes", 0),
+            "none_passes": counts.get("none_passes", 0),
+            "rule": "lm-eval IFEval strict verdict; a failing candidate is never chosen while one passes"}
 
 
 def chosen_margin_stats(records: Sequence[dict]) -> dict[str, Any]:
@@ -293,6 +386,7 @@ def combine_stats(parts: Sequence[dict], records: Sequence[dict]) -> dict[str, A
         "rounds": {"max": parts[0]["rounds"]["max"] if parts else None, **counter("rounds")},
         "candidates": {"per_instruction": parts[0]["candidates"]["per_instruction"] if parts else None,
                        "stop_reasons": counter("candidates", "stop_reasons"), "unusable": counter("candidates", "unusable")},
+        "verifier": verifier_stats({k: total("verifier", k) for k in ("gated", "chosen_passes", "none_passes")}),
         "critic": {"judgements": judged, "disagreements": disagreements, "forward_passes": total("critic", "forward_passes"),
                    "disagreement_rate": round(disagreements / judged, 4) if judged else None,
                    "chosen_margin": chosen_margin_stats(records)},
