@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     offline()
     from cai.config import RunConfig
-    from cai.invariants import evaluate, eval_response_invariants, memory_invariants, provenance_invariants
+    from cai.invariants import evaluate, eval_response_invariants, open_slot_invariants, provenance_invariants
     from cai.pipeline.compare import generate_eval_responses, load_eval_set
     from cai.pipeline.models import ModelSlot
     from cai.pipeline.store import ArtifactWriter
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
             stage_seconds = time.perf_counter() - started
             results = []
             if mode == "on":
-                results = evaluate(eval_response_invariants(cfg.format), writer.done) + evaluate(memory_invariants(), None)
+                results = evaluate(eval_response_invariants(cfg.format), writer.done) + evaluate(open_slot_invariants(), slot)
             writer.finalize(invariants=results)
             if mode == "on":
                 results += evaluate(provenance_invariants(cfg.hash()), out)

@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
             curve = json.loads(Path(r["loss_curve"]["json"]).read_text())["summary"]
             out[name] = {"seconds_per_step": r["timings"]["seconds_per_step"],
                          "train_seconds": r["timings"]["train_seconds"], "wall_seconds": r["timings"]["wall_seconds"],
-                         "peak_rss_mb": r["memory"]["peak_rss_mb"], "first_loss": curve["first_loss"],
+                         "peak_rss_mb_sampled": r["memory"]["peak_rss_mb_sampled"], "first_loss": curve["first_loss"],
                          "last_loss": curve["last_loss"]}
     print(json.dumps(out, indent=2))
     return out

@@ -1,52 +1,143 @@
-"""Memory sequencing with real (tiny random) models through the real ModelSlot."""
+"""Memory sequencing observed with real (tiny random) models through the real ModelSlot:
+models created around the slot (a direct transformers load, a deep copy) are found by the
+gc scan; peaks are sampled per slot."""
 
+import copy
 import gc
+import time
 import weakref
 
 import pytest
+import torch
 
 from cai.config import ModelConfig
-from cai.invariants.base import Status
-from cai.invariants.memory import (AtMostOneBaseModel, LoadsSequenced, ModelsReleased, PeakMemoryRecorded,
-                                   live_base_models, memory_snapshot)
-from cai.pipeline import models
-from cai.pipeline.models import SLOT_EVENTS, ModelSlot, build_tiny_model
+from cai.errors import MemorySequencingError
+from cai.invariants.base import Status, evaluate
+from cai.invariants.memory import (LoadsSequenced, ModelsReleased, OneBaseModelResident, PeakMemoryRecorded,
+                                   memory_invariants, memory_snapshot, open_slot_invariants)
+from cai.pipeline.models import SLOT_EVENTS, ModelSlot, load_model, resident_models
 
 TINY = ModelConfig(source="tiny-random")
+MB = 2**20
 
 
-def test_model_built_around_the_slot_is_a_second_base_model():
+def _transformers_model(tmp_path):
+    """A tiny Llama saved and loaded with plain transformers: nothing of cai involved."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "rogue")
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "rogue")
+
+
+def test_model_loaded_directly_with_transformers_blocks_the_slot(tmp_path):
+    rogue = _transformers_model(tmp_path)
+    with pytest.raises(MemorySequencingError, match=r"LlamaForCausalLM \(3\.2M params, created outside cai's loader\)"):
+        with ModelSlot(TINY):
+            pass
+    assert ModelsReleased().check(None).status == Status.FAIL
+    del rogue
+    with ModelSlot(TINY) as slot:  # released: the slot loads
+        assert OneBaseModelResident().check(slot).status == Status.PASS
+
+
+def test_deep_copy_of_the_slots_model_is_a_second_model():
+    """What TRL does for a reference model without PEFT: a second copy of every weight."""
     with ModelSlot(TINY) as slot:
-        assert AtMostOneBaseModel().check([slot.model]).status == Status.PASS
-        rogue = build_tiny_model(slot.tokenizer)  # bypasses the loader: nothing registers it
-        r = AtMostOneBaseModel().check(None)  # scan the process
-        assert r.status == Status.FAIL
-        assert "via ModelSlot" in r.evidence and "not registered by cai's loader" in r.evidence
-        del rogue
+        assert OneBaseModelResident().check(slot).status == Status.PASS
+        ref = copy.deepcopy(slot.model)
+        r = OneBaseModelResident().check(slot)
+        assert r.status == Status.FAIL and "2 base-sized models" in r.evidence and "deep copy" in r.evidence
+        with pytest.raises(MemorySequencingError, match="2 base-sized model"):
+            load_model(TINY)
+        del ref
+        assert OneBaseModelResident().check(slot).status == Status.PASS
 
 
-def test_inner_modules_and_peft_wrappers_count_once():
+def test_adapters_and_shallow_copies_sharing_the_base_are_one_model():
+    """LoRA wrappers (a second "ref" adapter as TRL adds one) and a shallow copy share the
+    base's tensors (data_ptr identity): no second model. A stray small layer is not one either."""
     from peft import LoraConfig, get_peft_model
 
     with ModelSlot(TINY) as slot:
-        base = slot.model
-        wrapped = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"]))
-        assert live_base_models([base, base.model, wrapped]) == [base]
-        assert AtMostOneBaseModel().check([base, base.model, wrapped]).status == Status.PASS
-        del wrapped
+        wrapped = get_peft_model(slot.model, LoraConfig(r=2, target_modules=["q_proj"]))
+        wrapped.add_adapter("ref", LoraConfig(r=2, target_modules=["q_proj"]))
+        shallow = copy.copy(slot.model)
+        stray = torch.nn.Linear(64, 64)
+        r = OneBaseModelResident().check(slot)
+        assert r.status == Status.PASS and "one base-sized model" in r.evidence, r.evidence
+        assert len(resident_models(slot.n_parameters)) == 1
+        del wrapped, shallow, stray
+
+
+def test_open_slot_check_needs_an_open_slot():
+    with ModelSlot(TINY) as slot:
+        pass
+    r = OneBaseModelResident().check(slot)
+    assert r.status == Status.FAIL and "no open ModelSlot" in r.evidence
 
 
 def test_reference_held_past_the_slot_is_caught_then_released():
     with ModelSlot(TINY) as slot:
+        assert ModelsReleased().check(slot).status == Status.FAIL  # still open: nothing released yet
         held = slot.model  # the leak: a reference kept after leaving the slot
-    assert any(m is held for m in models.resident_models())
-    r = ModelsReleased().check(None)
+    r = ModelsReleased().check(slot)
     assert r.status == Status.FAIL and "'tiny-random'" in r.evidence
+    assert evaluate(memory_invariants(), slot)[0].status == Status.FAIL
+    with pytest.raises(MemorySequencingError, match="tagged 'tiny-random' by cai's loader"):
+        with ModelSlot(TINY):
+            pass
     ref = weakref.ref(held)
     del held
     gc.collect()
-    assert ref() is None and all(m is not ref() for m in live_base_models())
-    assert ModelsReleased().check([]).status == Status.PASS
+    assert ref() is None
+    assert all(r.status == Status.PASS for r in evaluate(memory_invariants(), slot))
+
+
+def test_groups_hold_what_they_say():
+    assert [type(i) for i in open_slot_invariants()] == [OneBaseModelResident]
+    assert [type(i) for i in memory_invariants()] == [ModelsReleased, LoadsSequenced]
+
+
+def _hold_big_tensor(mb: int = 300, seconds: float = 0.3) -> None:
+    x = torch.ones(mb * MB // 4)  # float32: every page written, so resident
+    time.sleep(seconds)  # several sampler intervals
+    del x
+
+
+def test_peak_is_sampled_per_slot_not_the_process_lifetime():
+    with ModelSlot(TINY) as big:
+        _hold_big_tensor()
+    rise = big.memory["peak_rss_mb_sampled"] - big.memory["rss_before_mb"]
+    assert rise >= 300, big.memory
+    assert big.memory["rss_samples"] >= 3
+    with ModelSlot(TINY) as small:
+        time.sleep(0.2)
+    assert small.memory["peak_rss_mb_sampled"] < small.memory["process_peak_rss_mb"] - 200, small.memory
+    assert PeakMemoryRecorded().check(small).status == Status.PASS
+
+
+def test_stages_sharing_a_slot_each_get_their_own_window():
+    with ModelSlot(TINY):
+        start = memory_snapshot()  # the load
+        _hold_big_tensor()
+        first = memory_snapshot()  # a stage that held 300 MB
+        second = memory_snapshot()  # the next stage, which did not
+    assert first["peak_rss_mb_sampled"] - start["rss_mb"] >= 290, (start, first)
+    assert second["peak_rss_mb_sampled"] < first["peak_rss_mb_sampled"] - 200, (first, second)
+    assert second["process_peak_rss_mb"] >= first["peak_rss_mb_sampled"] - 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_peak_is_reset_per_slot():
+    with ModelSlot(TINY) as big:
+        x = torch.ones(300 * MB // 4, device="cuda")
+        del x
+    with ModelSlot(TINY) as small:
+        y = torch.ones(MB // 4, device="cuda")
+        del y
+    assert big.memory["cuda_peak_mb"] >= 300 and small.memory["cuda_peak_mb"] < 100, (big.memory, small.memory)
 
 
 def test_real_slot_records_peak_memory_and_sequenced_events():
@@ -61,6 +152,7 @@ def test_real_slot_records_peak_memory_and_sequenced_events():
     r = LoadsSequenced().check(events)
     assert r.status == Status.PASS and "2 load(s)" in r.evidence
     assert LoadsSequenced().check(None).status == Status.PASS  # this process's whole log
+    assert LoadsSequenced().check(slot).status == Status.PASS  # a slot: the same log
 
 
 def _slot_log(*spans: tuple[str | None, float, float]) -> list[dict]:
@@ -112,30 +204,37 @@ def test_overlapping_loads_across_manifests_fail(real_slot_events):
     assert "stage sft" in r.evidence and "stage responses" in r.evidence and "not yet released" in r.evidence
 
 
-@pytest.mark.parametrize("manifest,ok", [
-    ({"stage": "sft", "outputs": {}, "model": {"source": "x"}, "memory": {"peak_rss_mb": 812.5}}, True),
-    ({"stage": "sft", "outputs": {}, "model": {"source": "x"}, "memory": {"cuda_max_allocated_mb": 5000}}, True),
-    ({"stage": "sft", "outputs": {}, "model": {"source": "x"}, "memory": {}}, False),
-    ({"stage": "sft", "outputs": {}, "model": {"source": "x"}, "memory": {"peak_rss_mb": 0}}, False),
-    ({"stage": "pairs", "outputs": {}, "model": None, "memory": {}}, True),  # no model, nothing to record
+def _manifest(memory, model=True):
+    return {"stage": "sft", "outputs": {}, "model": {"source": "x"} if model else None, "memory": memory}
+
+
+@pytest.mark.parametrize("memory,model,ok,says", [
+    ({"peak_rss_mb_sampled": 812.5, "process_peak_rss_mb": 900.0}, True, True, "peak_rss_mb_sampled=812.5"),
+    ({"cuda_peak_mb": 5000}, True, True, "cuda_peak_mb=5000"),
+    ({"peak_rss_mb": 900.0}, True, False, "process-lifetime"),  # ru_maxrss alone: not this stage's peak
+    ({"process_peak_rss_mb": 900.0, "rss_mb": 500.0}, True, False, "process-lifetime"),
+    ({"peak_rss_mb_sampled": 2000.0, "process_peak_rss_mb": 900.0}, True, False, "not a measurement"),
+    ({"peak_rss_mb_sampled": 0}, True, False, "no positive"),
+    ({}, True, False, "no memory recorded"),
+    ({}, False, True, "no model used"),
 ])
-def test_peak_memory_recorded_in_manifest(manifest, ok):
-    assert (PeakMemoryRecorded().check(manifest).status == Status.PASS) is ok
-
-
-def test_missing_peak_memory_is_a_warning():
-    r = PeakMemoryRecorded().check({"stage": "responses", "outputs": {}, "model": {"source": "x"}})
-    assert r.status == Status.WARN and "memory" in r.evidence
+def test_peak_memory_recorded_in_manifest(memory, model, ok, says):
+    r = PeakMemoryRecorded().check(_manifest(memory, model))
+    assert (r.status == Status.PASS) is ok and says in r.evidence, r.evidence
+    assert r.status in (Status.PASS, Status.WARN)  # bookkeeping: a warning, never blocking
 
 
 def test_memory_snapshot_feeds_both_checks():
     before = len(SLOT_EVENTS)
     with ModelSlot(TINY, label="data"):
         snap = memory_snapshot(events_since=before)  # taken inside the slot, as a data stage would
+    outside = memory_snapshot()
     manifest = {"stage": "responses", "outputs": {}, "model": {"source": "tiny-random"}, "memory": snap}
-    assert snap["peak_rss_mb"] > 0 and [e["event"] for e in snap["slot_events"]] == ["load"]
+    assert snap["peak_rss_mb_sampled"] > 0 and snap["slot"] == "data"
+    assert [e["event"] for e in snap["slot_events"]] == ["load"]
     assert PeakMemoryRecorded().check(manifest).status == Status.PASS
     assert LoadsSequenced().check([manifest]).status == Status.PASS
+    assert "peak_rss_mb_sampled" not in outside  # no slot open: no stage peak to claim
 
 
 def test_stages_sharing_one_slot_record_one_load_not_several():

@@ -13,7 +13,8 @@ from cai.config import ModelConfig
 from cai.errors import ChatTemplateDisabledError, MemorySequencingError, ModelLoadError
 from cai.pipeline import formats
 from cai.pipeline.models import (
-    ModelSlot, encode, load_model, load_tokenizer, resident_models, resolve_source, weight_files)
+    ModelSlot, encode, expected_parameters, load_model, load_tokenizer, resident_models, resolve_source, template_state,
+    weight_files)
 
 PROMPT = formats.render("instruction_response", "Name three colors.")
 
@@ -36,6 +37,26 @@ def test_embedded_tokenizer_leaves_loader_without_template(embedded_dir):
         tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
 
 
+def test_template_state_is_observed_not_declared():
+    """A template put back on the tokenizer after load shows in a fresh provenance read."""
+    with ModelSlot(ModelConfig(source="tiny-random")) as slot:
+        assert slot.provenance["tokenizer"]["chat_template"]["disabled"] is True
+        slot.tokenizer.chat_template = "{% for m in messages %}<|im_start|>{{ m.content }}{% endfor %}"
+        state = slot.provenance["tokenizer"]["chat_template"]
+        assert state["disabled"] is False and state["chat_template_is_none"] is False and len(state["live_sha256"]) == 64
+        assert state["apply_chat_template"] == "raises ChatTemplateDisabledError"  # the refusal alone is not enough
+        del slot.tokenizer.apply_chat_template  # cai's refusal removed: the class method renders again
+        state = template_state(slot.tokenizer)
+        assert state["apply_chat_template"] == "renders" and state["disabled"] is False
+        assert state["shipped"] is True  # what the checkpoint shipped is remembered from load
+
+
+def test_template_state_of_a_tokenizer_cai_did_not_load(raw_smol_tokenizer):
+    state = template_state(raw_smol_tokenizer)
+    assert state["shipped"] is None and state["disabled"] is False and state["apply_chat_template"] == "renders"
+    assert state["live_sha256"] is not None
+
+
 def test_encode_adds_no_special_tokens(embedded_dir):
     tok, _ = load_tokenizer(embedded_dir)
     ids = encode(tok, PROMPT)
@@ -55,7 +76,11 @@ def test_load_model_records_provenance():
     assert prov["kind"] == "embedded" and prov["origin"]["name"] == "SmolLM2-135M-Instruct"
     assert len(prov["origin"]["gguf_sha256"]) == 64
     assert all(len(h) == 64 for h in prov["weights_sha256"].values()) and prov["weights_sha256"]
-    assert prov["tokenizer"]["chat_template"] == {"shipped": True, "shipped_sha256": prov["tokenizer"]["chat_template"]["shipped_sha256"], "disabled": True}
+    state = prov["tokenizer"]["chat_template"]
+    assert state == {"shipped": True, "shipped_sha256": state["shipped_sha256"], "chat_template_is_none": True,
+                     "live_sha256": None, "apply_chat_template": "raises ChatTemplateDisabledError", "disabled": True}
+    assert len(state["shipped_sha256"]) == 64
+    assert prov["n_parameters"] == expected_parameters(resolve_source(ModelConfig()), loaded.tokenizer, ModelConfig())
     assert prov["trust_remote_code"] is False and prov["quantization"] == "none"
     assert prov["versions"]["transformers"]
     json.dumps(prov)  # manifests store it
@@ -69,8 +94,8 @@ def test_second_load_while_first_alive_raises():
         with pytest.raises(MemorySequencingError):
             with ModelSlot(ModelConfig(source="tiny-random")):
                 pass
-    assert not resident_models()
-    assert slot.memory["peak_rss_mb"] > 0
+    assert not resident_models(slot.n_parameters)
+    assert slot.memory["peak_rss_mb_sampled"] > 0
     with ModelSlot(ModelConfig(source="tiny-random")):  # released: loading again is fine
         pass
 
@@ -82,7 +107,7 @@ def test_reference_kept_outside_slot_still_blocks():
         load_model(ModelConfig(source="tiny-random"))
     del leaked
     gc.collect()
-    assert not resident_models()
+    assert not resident_models(slot.n_parameters)
 
 
 def test_adapters_switch_in_place_and_base_means_disabled(tmp_path):

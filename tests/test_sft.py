@@ -158,7 +158,7 @@ def test_outputs_and_manifest_fields(trained):
     assert tc["eos_token"] == "<|im_end|>" and tc["completion_only_loss"] is True
     assert all(r["versions"][k] for k in ("trl", "peft", "transformers", "torch"))
     assert r["timings"]["seconds_per_step"] > 0 and r["timings"]["wall_seconds"] >= r["timings"]["train_seconds"]
-    assert r["memory"]["peak_rss_mb"] > 0
+    assert r["memory"]["peak_rss_mb_sampled"] > 0
     assert r["loss_curve"] == {"json": str(out / "loss_curve.json"), "png": str(out / "loss_curve.png")}
     assert r["loss_curve_points"] == json.loads((out / "loss_curve.json").read_text())["points"]
 

@@ -11,8 +11,10 @@ in the manifest via `ArtifactWriter.finalize(invariants=...)`, then `raise_on_fa
 - `eval_response_invariants(train_format, tokenizer=None)` on evaluation outputs (suite, model, key,
   prompt, response); with the tokenizer, the encoding sentinels run on the eval prompts too
 - `PromptsIdenticalAcrossModels()` on {model: prompts} or evaluation records
-- `memory_invariants()` on None (this process), `PeakMemoryRecorded()` (warning) on a slot or
-  manifest; `memory_snapshot(events_since)` is what a stage passes to finalize(memory=...)
+- `open_slot_invariants()` on the open `ModelSlot` (inside the stage); `memory_invariants()` on
+  the closed slot (stage boundary); `PeakMemoryRecorded()` (warning) on a slot or manifest;
+  `memory_snapshot(events_since)` is what a stage passes to finalize(memory=...)
+- `slot_leakage_results(slot)`: leakage layers 1 and 5 on the data slot (tokenizer, sentinel)
 - `provenance_invariants(config_hash)` on an artifact directory
 - `offline_invariants(model_cfg)` on None, before the first stage
 - `SentinelBehaviour()` (warning) on a `ModelSlot` / `LoadedModel`
@@ -29,8 +31,9 @@ from cai.invariants.leakage import (ChatTemplateDisabled, ChatTemplateRefuses, C
                                     SentinelBehaviour, TokenizerSubject, check_tokenizer,
                                     prompt_tokenizer_subject, tokenizer_invariants)
 from cai.invariants.markers import control_token_ids, find_chat_markers
-from cai.invariants.memory import (AtMostOneBaseModel, LoadsSequenced, ModelsReleased, PeakMemoryRecorded,
-                                   memory_invariants, memory_snapshot)
+from cai.invariants.memory import (LoadsSequenced, ModelsReleased, OneBaseModelResident, PeakMemoryRecorded,
+                                   memory_invariants, memory_snapshot, open_slot_invariants)
+from cai.invariants.slot import slot_leakage_results
 from cai.invariants.offline import (HubOffline, ModelSourceLocal, PunktAvailable, enforce_offline,
                                     offline_invariants)
 from cai.invariants.parity import FormatMatchesTraining, PromptFormatParity, PromptsIdenticalAcrossModels
@@ -47,8 +50,8 @@ __all__ = [
     "ChatTemplateShipped", "ChatTemplateDisabled", "ChatTemplateRefuses", "NoSpecialTokenIds", "RoundTrip",
     "NoChatMarkers", "SentinelBehaviour", "TokenizerSubject", "ModelSubject", "check_tokenizer",
     "find_chat_markers", "control_token_ids", "tokenizer_invariants",
-    "AtMostOneBaseModel", "ModelsReleased", "PeakMemoryRecorded", "LoadsSequenced", "memory_invariants",
-    "memory_snapshot",
+    "OneBaseModelResident", "ModelsReleased", "PeakMemoryRecorded", "LoadsSequenced", "memory_invariants",
+    "memory_snapshot", "open_slot_invariants", "slot_leakage_results",
     "HubOffline", "ModelSourceLocal", "PunktAvailable", "enforce_offline", "offline_invariants",
     "PromptFormatParity", "FormatMatchesTraining", "PromptsIdenticalAcrossModels",
     "ArtifactSubject", "ManifestComplete", "HashesVerify", "InputsCertified", "ConfigHashMatches",

@@ -1,143 +1,136 @@
 """Memory sequencing (audit finding 3: base, SFT and DPO 32B models loaded at once -> OOM).
 
-- `AtMostOneBaseModel`: in this process, at most one base model is alive (models registered
-  by the slot *and* any transformers model found by the garbage collector, so a model
-  loaded around the slot is seen too). `ModelsReleased` is the same with zero allowed, for
-  stage boundaries.
-- `PeakMemoryRecorded`: a stage that used a model recorded its peak memory.
+All observed, not declared (`cai.pipeline.models.resident_models` scans the live torch
+modules, whoever created them):
+
+- `OneBaseModelResident`: while a slot is open, exactly one base-sized model is alive, and
+  it is the slot's (a direct `from_pretrained` or a trainer's deep copy beside it fails).
+- `ModelsReleased`: after a slot closed (a stage boundary), none is alive.
+- `PeakMemoryRecorded`: a stage that used a model recorded its own peak memory (RSS sampled
+  while its slot was open, CUDA peak reset per stage), not the process-lifetime `ru_maxrss`.
 - `LoadsSequenced`: over a whole run (slot events of this process and/or of manifests),
   every load was released before the next one.
 """
 
 from __future__ import annotations
 
-import gc
 import math
-import sys
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from cai.invariants.base import Invariant, Severity
 
 
-def _peft_base(model):
-    peft = sys.modules.get("peft")  # not imported -> no PEFT wrapper can exist (and importing it is slow)
-    if peft is None:
-        return model
-    return model.get_base_model() if isinstance(model, peft.PeftModel) else model
+def _is_slot(subject) -> bool:
+    return hasattr(subject, "model_cfg") and hasattr(subject, "n_parameters")
 
 
-def _describe(model) -> str:
-    src = getattr(model, "_cai_source", None)
-    n = None
-    try:
-        n = sum(p.numel() for p in model.parameters())
-    except Exception:  # noqa: BLE001 - description only
-        pass
-    size = f", {n / 1e6:.1f}M params" if n is not None else ""
-    origin = f"source {src!r} via ModelSlot" if src else "not registered by cai's loader (loaded around ModelSlot)"
-    return f"{type(model).__name__} ({origin}{size})"
+def _reference_params(subject) -> int | None:
+    """Size the resident scan compares with: the slot's model, or (subject None) the last
+    model this process loaded through a slot; None when nothing was loaded."""
+    if _is_slot(subject):
+        return subject.n_parameters
+    from cai.pipeline.models import SLOT_EVENTS
+
+    loads = [e for e in SLOT_EVENTS if e.get("event") == "load" and e.get("n_parameters")]
+    return loads[-1]["n_parameters"] if loads else None
 
 
-def live_base_models(models: Iterable[Any] | None = None) -> list[Any]:
-    """Distinct base models alive: PEFT wrappers count as their base, and models that are
-    submodules of another (LlamaModel inside LlamaForCausalLM) are not counted twice.
-    Without `models`: cai's registry (`resident_models()`) plus every transformers
-    `PreTrainedModel` the garbage collector can see."""
-    if models is None:
-        from cai.pipeline.models import resident_models
+class OneBaseModelResident(Invariant):
+    """Prevents audit finding 3 inside a stage: a second base model beside the slot's (a
+    direct `from_pretrained`, a trainer's deep-copied reference model) doubles memory and
+    OOMs a 32B run. While the slot is open, the gc scan must find exactly one base-sized
+    model, holding the slot's model's parameters (LoRA adapters sharing them are the same
+    model).
 
-        found = list(resident_models())
-        try:
-            from transformers import PreTrainedModel
-        except ImportError:
-            PreTrainedModel = None
-        if PreTrainedModel is not None:
-            # type(o), not isinstance: isinstance reads o.__class__, which lazy proxies resolve
-            # (importing modules, emitting warnings); the per-type cache keeps the scan fast.
-            is_model: dict[type, bool] = {}
-            for o in gc.get_objects():
-                t = type(o)
-                hit = is_model.get(t)
-                if hit is None:
-                    hit = is_model[t] = isinstance(t, type) and issubclass(t, PreTrainedModel)
-                if hit:
-                    found.append(o)
-    else:
-        found = list(models)
-    bases: dict[int, Any] = {}
-    for m in found:
-        b = _peft_base(m)
-        bases[id(b)] = b
-    inner: set[int] = set()
-    for b in bases.values():
-        modules = getattr(b, "modules", None)
-        if modules is None:
-            continue
-        for sub in modules():
-            if sub is not b:
-                inner.add(id(sub))
-    return [b for k, b in bases.items() if k not in inner]
+    Subject: an open `ModelSlot`."""
 
-
-class AtMostOneBaseModel(Invariant):
-    """Prevents audit finding 3: two base models resident at once (OOM on a 32B run). cai
-    compares base / SFT / DPO as one base plus LoRA adapters switched in place, so more than
-    one base model alive in the process means something loaded around the slot.
-
-    Subject: None (scan this process) or an iterable of models to judge."""
-
-    name = "at_most_one_base_model"
-    max_models = 1
+    name = "one_base_model_resident"
 
     def _check(self, subject):
-        models = live_base_models(None if subject is None else subject)
-        desc = [_describe(m) for m in models]
-        if len(models) <= self.max_models:
-            return True, f"{len(models)} base model(s) resident" + (f": {desc[0]}" if desc else "")
-        return False, f"{len(models)} base models resident (max {self.max_models}): {'; '.join(desc)}", {"models": desc}
+        from cai.pipeline.models import BASE_SIZED_FRACTION, parameter_storage, resident_models
+
+        if not _is_slot(subject) or not subject.is_open:
+            return False, "no open ModelSlot to check (this check runs while the stage's slot is open)"
+        found = resident_models(subject.n_parameters)
+        own = set(parameter_storage(subject.model))
+        mine = {id(m) for m in found if own & set(parameter_storage(m.module))}
+        desc = [m.describe(slot_model=id(m) in mine) for m in found]
+        scan = f"gc scan for models of >= {BASE_SIZED_FRACTION * subject.n_parameters / 1e6:.1f}M params"
+        if len(found) == 1 and mine:
+            return True, f"one base-sized model resident: {desc[0]} ({scan})"
+        if not mine:
+            return False, f"the slot's model is not among the live models ({'; '.join(desc) or 'none'}; {scan})", {"models": desc}
+        others = [d for m, d in zip(found, desc) if id(m) not in mine]
+        return False, (f"{len(found)} base-sized models resident while slot {subject.label!r} is open; besides the "
+                       f"slot's: {'; '.join(others)} ({scan})"), {"models": desc}
 
 
-class ModelsReleased(AtMostOneBaseModel):
-    """Prevents a model kept alive after its stage (a reference held past the slot): the
-    next stage's load would then sit beside it. At a stage boundary no model is resident."""
+class ModelsReleased(Invariant):
+    """Prevents a model kept alive past its stage (a reference held after the slot closed, a
+    trainer kept with its model): the next stage's load would sit beside it. After the slot
+    closed, the gc scan finds no base-sized model.
+
+    Subject: the closed `ModelSlot` (its model's size is the reference), or None (the last
+    model this process loaded; with none loaded, any transformers model counts)."""
 
     name = "models_released"
-    max_models = 0
+
+    def _check(self, subject):
+        from cai.pipeline.models import BASE_SIZED_FRACTION, resident_models
+
+        if _is_slot(subject) and subject.is_open:
+            return False, f"slot {subject.label!r} is still open: models are released when it closes"
+        reference = _reference_params(subject)
+        found = resident_models(reference)
+        scope = (f"models of >= {BASE_SIZED_FRACTION * reference / 1e6:.1f}M params" if reference
+                 else "transformers models (no slot loaded in this process)")
+        if not found:
+            return True, f"no base-sized model resident after release (gc scan for {scope})"
+        desc = [m.describe() for m in found]
+        return False, f"{len(found)} model(s) still resident after release: {'; '.join(desc)}", {"models": desc}
 
 
 def _memory_of(subject) -> tuple[Mapping[str, Any] | None, bool]:
     """(memory dict, used a model?) from a ModelSlot, a manifest dict or a memory dict."""
-    if hasattr(subject, "memory") and hasattr(subject, "model_cfg"):  # ModelSlot
+    if _is_slot(subject):
         return subject.memory, True
     if isinstance(subject, Mapping) and "stage" in subject and "outputs" in subject:  # manifest
         return subject.get("memory") or {}, subject.get("model") is not None
     return subject, True
 
 
-PEAK_KEYS = ("peak_rss_mb", "cuda_max_allocated_mb")
+STAGE_PEAK_KEYS = ("peak_rss_mb_sampled", "cuda_peak_mb")
 
 
-def memory_snapshot(events_since: int | None = None) -> dict[str, Any]:
-    """What a stage passes to `ArtifactWriter.finalize(memory=...)` when it cannot wait for
-    its slot to close (data stages share one slot): peak and current RSS, the CUDA peak on
-    a GPU, and — with `events_since` (len(SLOT_EVENTS) when the stage started) — the slot
-    events since then, for the run-level `LoadsSequenced` check."""
-    from cai.pipeline.models import SLOT_EVENTS, peak_rss_mb, rss_mb
+def memory_snapshot(events_since: int | None = None, slot=None) -> dict[str, Any]:
+    """What a stage passes to `ArtifactWriter.finalize(memory=...)`: current RSS, the
+    process-lifetime peak (`process_peak_rss_mb`, ru_maxrss) and, from the open slot (`slot`,
+    default the one open in this process), the stage's own peaks since the slot opened or
+    since the previous snapshot (`peak_rss_mb_sampled`, `cuda_peak_mb` on a GPU). With
+    `events_since` (len(SLOT_EVENTS) when the stage started): the slot events since then,
+    for the run-level `LoadsSequenced` check."""
+    from cai.pipeline.models import SLOT_EVENTS, open_slot, process_peak_rss_mb, rss_mb
 
-    snap: dict[str, Any] = {"peak_rss_mb": round(peak_rss_mb(), 1), "rss_mb": round(rss_mb(), 1)}
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        snap["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    slot = slot if slot is not None else open_slot()
+    snap: dict[str, Any] = slot.stage_memory() if slot is not None and slot.is_open else {}
+    snap["rss_mb"] = round(rss_mb(), 1)
+    snap["process_peak_rss_mb"] = round(process_peak_rss_mb(), 1)  # after the sample: an upper bound of it
     if events_since is not None:
         snap["slot_events"] = [dict(e) for e in SLOT_EVENTS[events_since:]]
     return snap
 
 
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 class PeakMemoryRecorded(Invariant):
-    """Prevents memory blowing up unseen: every stage that held a model records its peak
-    memory (`peak_rss_mb`, and `cuda_max_allocated_mb` on a GPU) in its slot and manifest,
-    so a run can be sized and an OOM traced to the stage that caused it. A warning: missing
-    bookkeeping does not make the run's results wrong (use `memory_snapshot()`)."""
+    """Prevents memory blowing up unseen: every stage that held a model records its own
+    peak (`peak_rss_mb_sampled`: RSS sampled while its slot was open; `cuda_peak_mb`: the
+    CUDA peak counter reset per stage), so a run can be sized and an OOM traced to the stage
+    that caused it. The process-lifetime `ru_maxrss` alone does not count: it is the peak of
+    every stage so far. A sampled peak above the lifetime peak is not a measurement. A
+    warning: missing bookkeeping does not make the run's results wrong."""
 
     name = "peak_memory_recorded"
     severity = Severity.WARN
@@ -147,19 +140,27 @@ class PeakMemoryRecorded(Invariant):
         if not used_model:
             return True, "no model used: no peak memory to record"
         if not memory:
-            return False, "no memory recorded (expected peak_rss_mb from the ModelSlot, passed to ArtifactWriter.finalize(memory=...))"
-        vals = {k: memory.get(k) for k in PEAK_KEYS if k in memory}
-        good = {k: v for k, v in vals.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                and math.isfinite(v) and v > 0}
+            return False, "no memory recorded (expected memory_snapshot() of the stage's slot in the manifest)"
+        good = {k: memory[k] for k in STAGE_PEAK_KEYS if _positive(memory.get(k))}
         if not good:
-            return False, f"memory recorded but no positive peak ({', '.join(PEAK_KEYS)}): {dict(memory)}"
-        return True, "peak memory recorded: " + ", ".join(f"{k}={v}" for k, v in good.items())
+            lifetime = {k: memory[k] for k in ("peak_rss_mb", "process_peak_rss_mb") if k in memory}
+            why = (f"only the process-lifetime peak {lifetime}, not this stage's" if lifetime
+                   else f"no positive {' or '.join(STAGE_PEAK_KEYS)}: {dict(memory)}")
+            return False, f"no per-stage peak memory: {why}"
+        sampled, lifetime = memory.get("peak_rss_mb_sampled"), memory.get("process_peak_rss_mb")
+        # statm and ru_maxrss read the kernel's RSS counters at different moments: allow 2% + 8 MB
+        if _positive(sampled) and _positive(lifetime) and sampled > 1.02 * lifetime + 8:
+            return False, (f"sampled RSS peak {sampled} MB exceeds the process-lifetime peak {lifetime} MB: "
+                           "not a measurement")
+        shown = ", ".join(f"{k}={v}" for k, v in good.items())
+        return True, (f"stage peak memory recorded: {shown} (RSS sampled while the slot was open, CUDA peak reset "
+                      f"per stage; process lifetime peak {lifetime} MB)")
 
 
 def _events_of(subject) -> list[dict[str, Any]]:
-    """Slot events from: None (this process's SLOT_EVENTS), a list of events, or a list of
+    """Slot events from: None or a ModelSlot (this process's SLOT_EVENTS), a list of events, or a list of
     manifests (events under manifest["memory"]["slot_events"]), or a mix."""
-    if subject is None:
+    if subject is None or _is_slot(subject):  # this process's log
         from cai.pipeline.models import SLOT_EVENTS
 
         return [dict(e) for e in SLOT_EVENTS]
@@ -216,6 +217,11 @@ class LoadsSequenced(Invariant):
         return True, f"{loads} load(s), each released before the next{side}{tail}"
 
 
+def open_slot_invariants() -> list[Invariant]:
+    """While a stage's slot is open (subject: the open ModelSlot), before it closes."""
+    return [OneBaseModelResident()]
+
+
 def memory_invariants() -> list[Invariant]:
-    """Process-level checks a stage can run (subject None)."""
-    return [AtMostOneBaseModel(), LoadsSequenced()]
+    """At a stage boundary, after the slot closed (subject: the closed ModelSlot, or None)."""
+    return [ModelsReleased(), LoadsSequenced()]

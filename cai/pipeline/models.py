@@ -7,7 +7,9 @@ project's own prompt formats, never a chat template (audit finding 1: base score
 inflated by a template that was "fixed" several times and came back).
 
 Models enter memory only through `ModelSlot`, which allows one base model per process
-(audit finding 3: base, SFT and DPO 32B models loaded at once).
+(audit finding 3: base, SFT and DPO 32B models loaded at once). The rule is observed, not
+declared: every load scans the live torch modules (`resident_models`) for another model of
+comparable size, whoever created it, and the slot samples its own peak memory.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ import os
 import resource
 import shutil
 import tempfile
+import threading
 import time
 import types
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,8 +202,6 @@ def weight_files(directory: Path, allow_pickle: bool) -> list[Path]:
     raise ModelLoadError(f"{directory}: no weights (*.safetensors) in this directory")
 
 
-# --------------------------------------------------------------------------- tokenizer
-
 def remote_code(directory: str | Path, trust_remote_code: bool) -> str | None:
     """What the checkpoint's `config.json` `auto_map` would run, found before anything
     loads. None: it names no code. A note: transformers implements the `model_type`
@@ -253,23 +253,54 @@ def check_device(model_cfg: ModelConfig) -> None:
         raise ModelLoadError(f"model.quantization: {model_cfg.quantization!r} needs bitsandbytes, which is not installed")
 
 
+# --------------------------------------------------------------------------- tokenizer
+
 
 def _refuse_chat_template(self, *args, **kwargs):
     raise ChatTemplateDisabledError(CHAT_TEMPLATE_REFUSAL)
 
 
+def _template_text(tokenizer) -> str | None:
+    t = getattr(tokenizer, "chat_template", None)  # not every tokenizer class defines it
+    return json.dumps(t, sort_keys=True) if isinstance(t, dict) else t  # dict: named templates
+
+
+_TEMPLATE_PROBE = [{"role": "user", "content": "Describe the seasons."}]
+
+
 def disable_chat_template(tokenizer) -> dict[str, Any]:
-    """Remove the chat template and make `apply_chat_template` refuse. Returns the
-    template state for provenance: whether the checkpoint shipped one, and its sha256."""
-    shipped = getattr(tokenizer, "chat_template", None)
-    if isinstance(shipped, dict):  # named templates
-        shipped = json.dumps(shipped, sort_keys=True)
+    """Remove the chat template and make `apply_chat_template` refuse. Remembers on the
+    tokenizer what the checkpoint shipped (its sha256) and returns `template_state`: what
+    is observed after disabling, not what was intended."""
+    shipped = _template_text(tokenizer)
+    tokenizer._cai_shipped_template_sha256 = hashlib.sha256(shipped.encode()).hexdigest() if shipped else None
     tokenizer.chat_template = None
     tokenizer.apply_chat_template = types.MethodType(_refuse_chat_template, tokenizer)
+    return template_state(tokenizer)
+
+
+def template_state(tokenizer) -> dict[str, Any]:
+    """The chat-template state observed now, for provenance: whether the checkpoint shipped
+    a template (None when the tokenizer did not come through `disable_chat_template`),
+    whether `chat_template` is None, and what `apply_chat_template` does when called.
+    `disabled` is true only when both hold: no template and cai's refusal."""
+    live = _template_text(tokenizer)
+    try:
+        tokenizer.apply_chat_template(_TEMPLATE_PROBE, tokenize=False, add_generation_prompt=True)
+        call = "renders"
+    except ChatTemplateDisabledError:
+        call = "raises ChatTemplateDisabledError"
+    except Exception as err:  # noqa: BLE001 - any other failure is not cai's refusal and can be undone
+        call = f"raises {type(err).__name__}"
+    known = hasattr(tokenizer, "_cai_shipped_template_sha256")
+    shipped_sha = getattr(tokenizer, "_cai_shipped_template_sha256", None)
     return {
-        "shipped": shipped is not None,
-        "shipped_sha256": hashlib.sha256(shipped.encode()).hexdigest() if shipped else None,
-        "disabled": True,
+        "shipped": (shipped_sha is not None) if known else None,
+        "shipped_sha256": shipped_sha,
+        "chat_template_is_none": live is None,
+        "live_sha256": hashlib.sha256(live.encode()).hexdigest() if live else None,
+        "apply_chat_template": call,
+        "disabled": live is None and call == "raises ChatTemplateDisabledError",
     }
 
 
@@ -338,30 +369,152 @@ def _quantization_config(model_cfg: ModelConfig):
                               bnb_4bit_compute_dtype=getattr(torch, model_cfg.dtype))
 
 
-_RESIDENT: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()
 SLOT_EVENTS: list[dict[str, Any]] = []  # load/release log of this process (for the run-level sequencing check)
 
+BASE_SIZED_FRACTION = 0.25
+"""A live model counts as base-sized when it holds at least this fraction of the parameters
+of the model it is compared with (the one being loaded, or the slot's): a second model that
+size beside a 32B base is what runs the machine out of memory; stray layers do not count."""
 
-def resident_models() -> list[Any]:
+
+def parameter_storage(module) -> dict[tuple, int]:
+    """(device, data_ptr) -> elements, for every parameter of `module` that holds memory:
+    tied weights and LoRA adapters sharing the base's tensors count once, meta tensors not."""
+    storage: dict[tuple, int] = {}
+    try:
+        params = list(module.parameters())
+    except Exception:  # noqa: BLE001 - a half-built or exotic module holds nothing we can count
+        return storage
+    for p in params:
+        ptr = p.data_ptr()
+        if ptr:
+            key = (p.device.type, p.device.index, ptr)
+            storage[key] = max(storage.get(key, 0), p.numel())
+    return storage
+
+
+def parameter_count(module) -> int:
+    """Distinct parameter elements a module holds in memory (see `parameter_storage`)."""
+    return sum(parameter_storage(module).values())
+
+
+@dataclass
+class ResidentModel:
+    """A live torch module tree found by the garbage collector."""
+
+    module: Any
+    n_parameters: int  # elements no larger resident tree shares with it
+
+    def describe(self, slot_model: bool | None = None) -> str:
+        """Type, size and origin; `slot_model`: whether it holds the open slot's parameters."""
+        source = getattr(self.module, "_cai_source", None)  # PeftModel forwards to its base
+        if slot_model:
+            origin = f"the slot's model, {source!r}"
+        elif source:
+            origin = f"tagged {source!r} by cai's loader" + (
+                ", not the open slot's: a deep copy, or kept past an earlier slot" if slot_model is False else "")
+        else:
+            origin = "created outside cai's loader"
+        return f"{type(self.module).__name__} ({self.n_parameters / 1e6:.1f}M params, {origin})"
+
+
+def _live_modules() -> list[Any]:
+    import torch
+
     gc.collect()
-    return list(_RESIDENT.values())
+    # type(o), not isinstance: isinstance reads o.__class__, which lazy proxies resolve
+    # (importing modules, emitting warnings); the per-type cache keeps the scan fast.
+    is_module: dict[type, bool] = {}
+    found = []
+    for o in gc.get_objects():
+        t = type(o)
+        hit = is_module.get(t)
+        if hit is None:
+            hit = is_module[t] = issubclass(t, torch.nn.Module)
+        if hit:
+            found.append(o)
+    return found
+
+
+def _wraps_pretrained(module) -> bool:
+    from transformers import PreTrainedModel
+
+    return any(issubclass(type(m), PreTrainedModel) for m in module.modules())
+
+
+def resident_models(reference_params: int | None = None) -> list[ResidentModel]:
+    """Base-sized models alive in this process, observed, whoever created them (cai's slot,
+    a direct `from_pretrained`, a trainer's deep copy). Only top-level module trees count
+    (LlamaModel inside LlamaForCausalLM, a base inside its PeftModel are one model), and a
+    tree's size counts only parameter memory no larger tree holds (data_ptr identity: a
+    wrapper or shallow copy sharing the base's tensors adds nothing, a deep copy adds all).
+    Base-sized: at least `BASE_SIZED_FRACTION` of `reference_params`; without a reference,
+    any tree that is or wraps a transformers `PreTrainedModel`. Largest first."""
+    modules = _live_modules()
+    inner = {id(c) for m in modules for c in getattr(m, "_modules", {}).values() if c is not None}
+    trees = [(m, parameter_storage(m)) for m in modules if id(m) not in inner]
+    trees.sort(key=lambda t: -sum(t[1].values()))
+    claimed: set[tuple] = set()
+    found = []
+    for module, storage in trees:
+        own = sum(n for key, n in storage.items() if key not in claimed)
+        claimed.update(storage)
+        if own == 0:
+            continue
+        if reference_params is not None:
+            if own < BASE_SIZED_FRACTION * reference_params:
+                continue
+        elif not _wraps_pretrained(module):
+            continue
+        found.append(ResidentModel(module, own))
+    return found
+
+
+def expected_parameters(resolved: ResolvedSource, tokenizer, model_cfg: ModelConfig) -> int:
+    """Parameters the model will have, counted on the meta device (no memory, no weights
+    read): what the resident scan compares with before anything is loaded."""
+    import torch
+
+    with torch.device("meta"):
+        if resolved.kind == TINY_RANDOM:
+            model = build_tiny_model(tokenizer)
+        else:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            try:
+                config = AutoConfig.from_pretrained(resolved.path, trust_remote_code=model_cfg.trust_remote_code)
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+            except Exception as err:  # noqa: BLE001
+                raise ModelLoadError(f"{resolved.path}: cannot build the model from its config "
+                                     f"({type(err).__name__}: {str(err).splitlines()[0][:160]})") from None
+    return sum(p.numel() for p in model.parameters())
+
+
+def refuse_if_resident(source: str, n_parameters: int) -> None:
+    """MemorySequencingError naming every base-sized model alive (see `resident_models`)."""
+    alive = resident_models(n_parameters)
+    if not alive:
+        return
+    found = "; ".join(m.describe() for m in alive)
+    count = len(alive)
+    del alive  # the traceback keeps this frame: it must not keep the models alive too
+    raise MemorySequencingError(
+        f"cannot load {source!r} ({n_parameters / 1e6:.1f}M params): {count} base-sized model(s) already "
+        f"resident: {found}. Drop every reference to it first - cai keeps one base model in memory and "
+        "switches LoRA adapters in place")
 
 
 def load_model(model_cfg: ModelConfig) -> LoadedModel:
-    """Load model + tokenizer + provenance. Refuses while another base model is alive in
-    this process: release it first (leave its ModelSlot, or drop every reference)."""
-    alive = resident_models()
-    if alive:
-        names = ", ".join(getattr(m, "_cai_source", "?") for m in alive)
-        raise MemorySequencingError(
-            f"a base model is already resident ({names}); release it before loading {model_cfg.source!r} "
-            "- cai keeps one base model in memory and switches LoRA adapters in place")
+    """Load model + tokenizer + provenance. Refuses while another base-sized model is alive
+    in this process, however it was created: release it first (leave its ModelSlot, or drop
+    every reference)."""
     import torch
 
     resolved = resolve_source(model_cfg)
     directory = Path(resolved.path)
     files = [] if resolved.kind == TINY_RANDOM else weight_files(directory, model_cfg.allow_pickle)
     tok, tok_prov = load_tokenizer(directory, trust_remote_code=model_cfg.trust_remote_code)
+    refuse_if_resident(resolved.requested, expected_parameters(resolved, tok, model_cfg))
     dtype = getattr(torch, model_cfg.dtype)
     started = time.perf_counter()
     weights = {p.name: file_sha256(p) for p in files}
@@ -384,7 +537,6 @@ def load_model(model_cfg: ModelConfig) -> LoadedModel:
             model.to(model_cfg.device)
     model.eval()
     model._cai_source = resolved.requested
-    _RESIDENT[id(model)] = model
     provenance = {
         "source": resolved.requested,
         "kind": resolved.kind,
@@ -422,12 +574,66 @@ def build_tiny_model(tokenizer, seed: int = 0):
 
 
 def rss_mb() -> float:
+    """Resident set size of this process now (/proc/self/statm)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def peak_rss_mb() -> float:
+def process_peak_rss_mb() -> float:
+    """Peak RSS over the whole process lifetime (`ru_maxrss`): an upper bound for every
+    stage, not the peak of any one of them."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class RssSampler:
+    """Samples this process's RSS every `interval` seconds in a daemon thread while a slot
+    is open: the peak of a stage, which `ru_maxrss` (the lifetime peak) cannot give. Keeps
+    the peak over its whole life and over the current window (`take_window` starts a new one)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.samples = 0
+        self.peak = self.window_peak = rss_mb()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cai-rss-sampler", daemon=True)
+
+    def start(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def sample(self) -> float:
+        now = rss_mb()
+        with self._lock:
+            self.samples += 1
+            self.peak = max(self.peak, now)
+            self.window_peak = max(self.window_peak, now)
+        return now
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def take_window(self) -> float:
+        """Peak since the previous call (or the start); the next window starts now."""
+        now = self.sample()
+        with self._lock:
+            peak, self.window_peak = self.window_peak, now
+        return peak
+
+    def stop(self) -> float:
+        self.sample()
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+_OPEN_SLOTS: list["ModelSlot"] = []  # slots open in this process, innermost last
+
+
+def open_slot() -> "ModelSlot | None":
+    """The ModelSlot open in this process (the one a stage's memory snapshot measures)."""
+    return _OPEN_SLOTS[-1] if _OPEN_SLOTS else None
 
 
 class ModelSlot:
@@ -438,30 +644,48 @@ class ModelSlot:
             slot.add_adapter("sft", sft_dir)
             with slot.use("sft"):
                 ...
-    Leaving the slot drops the model, collects garbage, empties the CUDA cache and records
-    peak memory in `slot.memory`. `shard` ("I-of-N") marks the loads of a `--shard` process:
-    shards of one split hold their models side by side by design (one per device), and the
-    run-level sequencing check allows exactly that.
+    Entering refuses while another base-sized model is alive (`resident_models`). While
+    open, RSS is sampled in the background and the CUDA peak counter runs from entry;
+    `stage_memory()` gives a stage its share. Leaving drops the model, collects garbage,
+    empties the CUDA cache and records the slot's peaks in `slot.memory`. `shard` ("I-of-N")
+    marks the loads of a `--shard` process: shards of one split hold their models side by
+    side by design (one per device), and the run-level sequencing check allows exactly that.
     """
 
-    def __init__(self, model_cfg: ModelConfig, label: str = "base", shard: str | None = None):
+    def __init__(self, model_cfg: ModelConfig, label: str = "base", shard: str | None = None,
+                 sample_interval: float = 0.05):
         self.model_cfg = model_cfg
         self.label = label
         self.shard = shard
+        self.sample_interval = sample_interval
         self.loaded: LoadedModel | None = None
         self.adapters: dict[str, str] = {}
         self.memory: dict[str, float] = {}
+        self.n_parameters: int | None = None  # measured after load: the reference for the resident checks
+        self._sampler: RssSampler | None = None
+        self._cuda_peak_mb = 0.0
 
     def __enter__(self) -> "ModelSlot":
         import torch
 
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        self.memory["rss_before_mb"] = round(rss_mb(), 1)
-        self.loaded = load_model(self.model_cfg)
+        self._sampler = RssSampler(self.sample_interval).start()
+        self.memory["rss_before_mb"] = round(self._sampler.peak, 1)
+        try:
+            self.loaded = load_model(self.model_cfg)
+        except BaseException:
+            self._sampler.stop()
+            raise
+        self.n_parameters = parameter_count(self.loaded.model)
+        _OPEN_SLOTS.append(self)
         SLOT_EVENTS.append({"event": "load", "label": self.label, "source": self.model_cfg.source, "time": time.time(),
-                            "shard": self.shard})
+                            "shard": self.shard, "n_parameters": self.n_parameters})
         return self
+
+    @property
+    def is_open(self) -> bool:
+        return self.loaded is not None
 
     @property
     def model(self):
@@ -473,7 +697,31 @@ class ModelSlot:
 
     @property
     def provenance(self) -> dict[str, Any]:
-        return self.loaded.provenance
+        """The load's provenance with the chat-template state observed now (a template set
+        on the tokenizer after load shows as `disabled: false`)."""
+        prov = self.loaded.provenance
+        return {**prov, "tokenizer": {**prov["tokenizer"], "chat_template": template_state(self.tokenizer)}}
+
+    def _cuda_window_mb(self) -> float | None:
+        """CUDA peak allocated since entry or the previous window; restarts the counter."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        self._cuda_peak_mb = max(self._cuda_peak_mb, peak)
+        return peak
+
+    def stage_memory(self) -> dict[str, Any]:
+        """Peaks since the slot opened or since the previous call: a stage's share of a slot
+        that several stages use one after the other (the data stages)."""
+        out: dict[str, Any] = {"peak_rss_mb_sampled": round(self._sampler.take_window(), 1),
+                               "rss_sample_interval_s": self.sample_interval, "slot": self.label}
+        cuda = self._cuda_window_mb()
+        if cuda is not None:
+            out["cuda_peak_mb"] = round(cuda, 1)
+        return out
 
     def add_adapter(self, name: str, adapter_dir: str | Path) -> None:
         """Attach a trained LoRA adapter to the resident base (no second base copy)."""
@@ -486,8 +734,6 @@ class ModelSlot:
             model.load_adapter(str(adapter_dir), adapter_name=name)
         else:
             model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
-            model._cai_source = self.model_cfg.source
-            _RESIDENT[id(model)] = model
             self.loaded.model = model
         model.eval()
         self.adapters[name] = str(adapter_dir)
@@ -507,11 +753,15 @@ class ModelSlot:
     def __exit__(self, *exc) -> None:
         import torch
 
+        self._cuda_window_mb()
         if torch.cuda.is_available():
-            self.memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            self.memory["cuda_peak_mb"] = round(self._cuda_peak_mb, 1)
         self.memory["rss_resident_mb"] = round(rss_mb(), 1)
-        self.memory["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        self.loaded = None  # a reference kept elsewhere stays visible to the next load_model
+        self.memory["peak_rss_mb_sampled"] = round(self._sampler.stop(), 1)
+        self.memory["rss_samples"] = self._sampler.samples
+        self.memory["process_peak_rss_mb"] = round(process_peak_rss_mb(), 1)
+        self.loaded = None  # a reference kept elsewhere stays visible to the next load
+        _OPEN_SLOTS.remove(self)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

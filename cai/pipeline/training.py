@@ -31,9 +31,10 @@ from typing import Any, Callable, Iterable, Sequence
 from cai.config import RunConfig, TrainConfig
 from cai.errors import ArtifactError, BadInputError
 from cai.invariants.base import Result, raise_on_failures
+from cai.invariants.memory import memory_snapshot
 from cai.invariants.training import Example, FirstBatch, TokenLengths, TrainingTruncation
 from cai.pipeline.formats import COMPLETION_PREFIX, FormatError, get_format, render
-from cai.pipeline.models import library_versions, peak_rss_mb
+from cai.pipeline.models import library_versions
 from cai.pipeline.store import write_json_atomic
 
 ADAPTER_DIR = "adapter"
@@ -361,8 +362,6 @@ def run_trainer(trainer, *, stage: str, out_dir: Path, resume: bool,
     failure raises InvariantError and no optimizer step is taken. With `resume`, training
     continues from the newest checkpoint in out_dir/checkpoints (the step count, optimizer,
     scheduler and RNG state come back with it)."""
-    import torch
-
     ckpt_dir = out_dir / CHECKPOINT_DIR
     checkpoint = latest_checkpoint(ckpt_dir)
     if checkpoint is not None and not resume:
@@ -374,16 +373,12 @@ def run_trainer(trainer, *, stage: str, out_dir: Path, resume: bool,
     del batch
 
     start_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
     steps = trainer.state.global_step
     ran = steps - start_step
-    memory = {"peak_rss_mb": round(peak_rss_mb(), 1)}
-    if torch.cuda.is_available():
-        memory["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    memory = memory_snapshot()  # this stage's peaks, measured by the open slot
     curve = write_loss_curve(trainer.state.log_history, out_dir, stage)
     return {
         "steps": steps,
