@@ -32,6 +32,7 @@ EVAL_CONFIG = {"name": "resume-bench", "seed": 0, "model": {"source": "embedded"
 def child(out: str, config: dict, stage: str) -> None:
     """Run the stage, printing `batch` after every generate call."""
     from cai.config import RunConfig
+    from cai.invariants.artifacts import RecordIds
     from cai.pipeline.compare import generate_eval_responses, load_eval_set
     from cai.pipeline.generation import HFGenerator
     from cai.pipeline.models import ModelSlot
@@ -53,7 +54,7 @@ def child(out: str, config: dict, stage: str) -> None:
         with ModelSlot(cfg.model) as slot:
             writer = ArtifactWriter(Path(out) / "eval", "eval", config_hash=cfg.hash(), resume=True)
             generate_eval_responses(cfg, slot, load_eval_set("stage1", cfg.eval.limit), ["base"], writer)
-            writer.finalize()
+            writer.finalize(invariants=[RecordIds().check(writer.done)])
     print("done", flush=True)
 
 

@@ -3,7 +3,8 @@
 import pytest
 
 from cai.invariants import FormatMatchesTraining, PromptFormatParity, PromptsIdenticalAcrossModels, Result, Severity, Status
-from cai.pipeline.compare import CEILING, SUITE_MODELS
+from cai.invariants.artifacts import expected_eval_keys
+from cai.pipeline.compare import CEILING
 
 pytestmark = pytest.mark.stage("eval")
 
@@ -22,29 +23,17 @@ def test_primary_suite_uses_the_training_format(eval_records, cai_config, cai_ga
     assert {r["format"] for r in eval_records if r["suite"] == "primary"} == {cai_config.eval.format or cai_config.format}
 
 
-def test_every_model_answered_every_item(eval_records, eval_items):
-    keys = {it["key"] for it in eval_items}
-    for suite in {r["suite"] for r in eval_records}:
-        for model in SUITE_MODELS[suite]:
-            got = {r["key"] for r in eval_records if r["suite"] == suite and r["model"] == model}
-            assert got == keys, f"{suite}/{model}: {len(keys - got)} item(s) without a response"
-
-
-def test_scores_and_intervals_are_consistent(results):
+def test_every_score_and_comparison_covers_every_configured_item(results, cai_config):
+    """Coverage of the records is an invariant (eval_coverage); this checks the scoring kept
+    all of them: an item lost or merged between records and scores (two eval sets sharing
+    keys, a response that failed to parse) would shrink N."""
+    expected = sum(len(keys) for keys in expected_eval_keys(cai_config).values())
     for suite, models in results["scores"].items():
         for model, s in models.items():
-            lo, hi = s["prompt_level_strict_ci"]
-            assert 0 <= lo <= s["prompt_level_strict"] <= hi <= 1, (suite, model)
-            assert s["prompt_level_strict"] <= s["prompt_level_loose"] + 1e-12
-
-
-def test_paired_comparisons_account_for_every_discordant_item(results):
-    assert results["comparisons"], "no model pairs to compare"
+            assert s["n"] == expected, f"{suite}/{model}: scored {s['n']} of {expected} configured items"
+    assert results["comparisons"], "no model pairs were compared"
     for c in results["comparisons"]:
-        assert len(c["discordant"]) == c["a_only_pass"] + c["b_only_pass"]
-        assert c["ci95"][0] <= c["diff_b_minus_a"] <= c["ci95"][1]
-        assert 0.0 <= c["mcnemar_p"] <= 1.0
-        assert c["diff_b_minus_a"] == pytest.approx((c["b_only_pass"] - c["a_only_pass"]) / c["n"])
+        assert c["n"] == expected, f"{c['suite']} {c['a']} vs {c['b']}: compared on {c['n']} of {expected} items"
 
 
 def test_scoring_artifact_diagnostics(results, cai_gate):

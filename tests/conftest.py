@@ -75,34 +75,41 @@ def sft_record():
 @pytest.fixture
 def make_run_dir(tmp_path):
     """Factory for a small real run directory (no models): run.json with the config and its
-    hash, an `instructions` artifact, and an `sft` artifact that takes it as input, both
-    written with store.ArtifactWriter, with the data invariants recorded in the manifests.
+    hash, declaring the three stages it has (`stages_required`): `candidates`, `instructions`
+    and a `responses` artifact (SFT records), each taking the one before as input, written
+    with store.ArtifactWriter, with the stages' own invariants recorded in the manifests.
 
         run = make_run_dir(sft_records=[...])   # -> Path
     """
     from cai.config import RunConfig
-    from cai.invariants.base import evaluate
-    from cai.invariants.data import RecordSet, data_invariants
+    from cai.invariants.artifacts import stage_results
     from cai.pipeline.store import ArtifactWriter, input_entry, write_json_atomic
 
     def make(name: str = "run", *, sft_records: list[dict] | None = None, config: dict | None = None,
              slot_events: list[dict] | None = None) -> "Path":
         run = tmp_path / name
         run.mkdir()
-        cfg = RunConfig.model_validate({"name": name, "model": {"source": "tiny-random"}, **(config or {})})
-        write_json_atomic(run / "run.json", {"config": cfg.model_dump(mode="json"), "config_hash": cfg.hash()})
-        w = ArtifactWriter(run / "instructions", "instructions", config_hash=cfg.hash(), seed=0)
-        w.extend({"id": f"ins-{i}", "instruction": ins} for i, (ins, _) in enumerate(CLEAN_SFT))
-        w.finalize(invariants=[])
+        cfg = RunConfig.model_validate({"name": name, "model": {"source": "tiny-random"},
+                                        "instructions": {"n": len(CLEAN_SFT)}, **(config or {})})
+        write_json_atomic(run / "run.json", {"config": cfg.model_dump(mode="json"), "config_hash": cfg.hash(),
+                                             "stages_required": ["candidates", "instructions", "responses"]})
+        upstream = None
+        for stage in ("candidates", "instructions"):
+            w = ArtifactWriter(run / stage, stage, config_hash=cfg.hash(), seed=0,
+                               inputs=[input_entry(run / upstream, run / stage)] if upstream else [])
+            w.extend({"id": f"ins-{i}", "instruction": ins, **({"critic": {"margin": 1.5}} if stage == "instructions" else {})}
+                     for i, (ins, _) in enumerate(CLEAN_SFT))
+            w.finalize(invariants=stage_results(stage, w.done, cfg), model={"source": "tiny-random"},
+                       memory={"peak_rss_mb": 512.0})
+            upstream = stage
         records = sft_records if sft_records is not None else [_sft_record(i, ins, c) for i, (ins, c) in enumerate(CLEAN_SFT)]
-        w = ArtifactWriter(run / "sft", "sft", config_hash=cfg.hash(), seed=0, inputs=[input_entry(run / "instructions")])
+        w = ArtifactWriter(run / "responses", "responses", config_hash=cfg.hash(), seed=0,
+                           inputs=[input_entry(run / "instructions", run / "responses")])
         w.extend(records)
-        results = evaluate(data_invariants("sft", train_format=cfg.format, critic_enabled=cfg.critic.enabled),
-                           RecordSet("sft", records))
         memory = {"peak_rss_mb": 512.0}
         if slot_events is not None:
             memory["slot_events"] = slot_events
-        w.finalize(invariants=results, model={"source": "tiny-random"}, memory=memory)
+        w.finalize(invariants=stage_results("responses", records, cfg), model={"source": "tiny-random"}, memory=memory)
         return run
 
     return make

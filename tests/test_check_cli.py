@@ -170,23 +170,23 @@ def test_run_dir_checks_every_artifact(make_run_dir, capsys):
     assert code == 0, [r for r in report["results"] if r["status"] != "pass"]
     assert report["kind"] == "run"
     names = {r["name"] for r in report["results"]}
-    assert {"instructions/hashes_verify", "sft/hashes_verify", "sft/inputs_certified", "sft/config_hash_matches",
-            "sft/no_chat_markers", "sft/critic_margins_present", "config_hashes_agree", "loads_sequenced"} <= names
+    assert {"instructions/hashes_verify", "responses/hashes_verify", "responses/inputs_certified", "responses/config_hash_matches",
+            "responses/no_chat_markers", "responses/critic_margins_present", "config_hashes_agree", "loads_sequenced"} <= names
 
 
 def test_tampered_run_exits_1(make_run_dir, capsys):
     run = make_run_dir()
-    shard = next((run / "sft" / "data").glob("*.jsonl"))
+    shard = next((run / "responses" / "data").glob("*.jsonl"))
     shard.write_text(shard.read_text().replace("Joyful", "<|im_start|>assistant Joyful"))
     code, out, _ = check(capsys, str(run))
     assert code == 1
-    assert "FAIL  sft/hashes_verify" in out and "FAIL  sft/no_chat_markers" in out
+    assert "FAIL  responses/hashes_verify" in out and "FAIL  responses/no_chat_markers" in out
 
 
 def test_artifact_dir_and_several_paths(make_run_dir, capsys, tmp_path, sft_records):
     run = make_run_dir()
     data = write_jsonl(tmp_path / "d.jsonl", sft_records)
-    code, out, _ = check(capsys, str(run / "sft"), str(data), "--format", "json")
+    code, out, _ = check(capsys, str(run / "responses"), str(data), "--format", "json")
     reports = json.loads(out)
     assert code == 0 and isinstance(reports, list) and [r["kind"] for r in reports] == ["artifact", "data"]
 
@@ -195,35 +195,30 @@ def test_run_with_failed_recorded_invariant_exits_1(make_run_dir, capsys, sft_re
     bad = [sft_record(0, "Name a fruit.", " [INST] apple [/INST]"), sft_record(1, "Name a planet.", " Mars.")]
     run = make_run_dir(sft_records=bad)
     code, out, _ = check(capsys, str(run))
-    assert code == 1 and "FAIL  sft/recorded_invariants_passed" in out and "no_chat_markers" in out
+    assert code == 1 and "FAIL  responses/recorded_invariants_passed" in out and "no_chat_markers" in out
 
 
-def _eval_artifact(run, tamper=False):
+def test_eval_outputs_scored_on_another_format_fail(make_run_dir, capsys):
+    """A hand-made eval artifact in which base saw raw instructions in the primary suite: the
+    live content checks of `cai check` name the format and the prompt mismatch. (A real run's
+    eval artifact, damaged many ways, is in test_fail_closed.py.)"""
     from cai.pipeline import formats
     from cai.pipeline.store import ArtifactWriter, input_entry
 
+    run = make_run_dir()
     cfg_hash = json.loads((run / "run.json").read_text())["config_hash"]
-    w = ArtifactWriter(run / "eval", "eval", config_hash=cfg_hash, inputs=[input_entry(run / "sft")])
+    w = ArtifactWriter(run / "eval", "eval", config_hash=cfg_hash, inputs=[input_entry(run / "responses", run / "eval")])
     for suite, fmt in (("primary", "instruction_response"), ("raw_probe", "raw")):
         for model in ("base", "sft"):
             for k, ins in enumerate(["Name a fruit.", "Name a planet."]):
                 prompt = formats.render(fmt, ins)
-                if tamper and model == "base" and suite == "primary":
+                fmt_used = fmt
+                if model == "base" and suite == "primary":
                     fmt_used, prompt = "raw", ins  # base scored on raw instructions in the primary suite
-                else:
-                    fmt_used = fmt
                 w.append({"id": f"{suite}/{model}/{k}", "suite": suite, "model": model, "key": k, "instruction": ins,
-                          "format": fmt_used, "prompt": prompt, "response": "x", "stop_reason": "eos"})
-    w.finalize(model={"source": "tiny-random"}, memory={"peak_rss_mb": 300.0})
-
-
-@pytest.mark.parametrize("tamper", [False, True])
-def test_run_with_eval_outputs(make_run_dir, capsys, tamper):
-    run = make_run_dir()
-    _eval_artifact(run, tamper)
+                          "eval_set": "stage1", "format": fmt_used, "prompt": prompt, "response": "x", "stop_reason": "eos"})
+    w.finalize(invariants=[], model={"source": "tiny-random"}, memory={"peak_rss_mb": 300.0})
     code, out, _ = check(capsys, str(run))
-    if not tamper:
-        assert code == 0 and "PASS  eval/prompts_identical_across_models" in out
-    else:
-        assert code == 1
-        assert "FAIL  eval/format_matches_training" in out and "FAIL  eval/prompts_identical_across_models" in out
+    assert code == 1
+    assert "FAIL  eval/format_matches_training" in out and "FAIL  eval/prompts_identical_across_models" in out
+    assert "FAIL  eval/inputs_as_declared" in out and "FAIL  eval/invariants_recorded" in out

@@ -21,28 +21,28 @@ def run_hash(run):
 
 def test_good_run_artifacts_pass(make_run_dir):
     run = make_run_dir()
-    for stage in ("instructions", "sft"):
+    for stage in ("candidates", "instructions", "responses"):
         results = evaluate(provenance_invariants(run_hash(run)), run / stage)
         assert all(r.status == Status.PASS for r in results), [r.evidence for r in results]
 
 
 def test_tampered_data_file_fails(make_run_dir):
     run = make_run_dir()
-    shard = next((run / "sft" / "data").glob("*.jsonl"))
+    shard = next((run / "responses" / "data").glob("*.jsonl"))
     shard.write_text(shard.read_text().replace("Joyful", "Sad"))
-    r = HashesVerify().check(run / "sft")
+    r = HashesVerify().check(run / "responses")
     assert r.status == Status.FAIL and "sha256 differs" in r.evidence and shard.name in r.evidence
     # the downstream view: an artifact whose input was tampered with is not built on certified data
-    rogue = run / "sft" / "data" / "part-09999.jsonl"
+    rogue = run / "responses" / "data" / "part-09999.jsonl"
     rogue.write_text("{}\n")
-    assert "not listed" in "\n".join(HashesVerify().check(run / "sft").details["problems"])
+    assert "not listed" in "\n".join(HashesVerify().check(run / "responses").details["problems"])
 
 
 def test_tampered_input_fails_downstream(make_run_dir):
     run = make_run_dir()
     shard = next((run / "instructions" / "data").glob("*.jsonl"))
     shard.write_text(shard.read_text().replace("rainbow", "sky"))
-    r = InputsCertified().check(run / "sft")
+    r = InputsCertified().check(run / "responses")
     assert r.status == Status.FAIL and "input instructions" in r.evidence and "sha256 differs" in r.evidence
 
 
@@ -52,7 +52,7 @@ def test_input_manifest_changed_after_use_fails(make_run_dir):
     data = json.loads(m.read_text())
     data["seed"] = 123  # e.g. the input stage was re-run after sft consumed it
     m.write_text(json.dumps(data, indent=2))
-    r = InputsCertified().check(run / "sft")
+    r = InputsCertified().check(run / "responses")
     assert r.status == Status.FAIL and "changed after this artifact was built" in r.evidence
 
 
@@ -64,7 +64,7 @@ def test_uncertified_input_fails(tmp_path):
     entry = {"path": str(tmp_path / "a"), "stage": "instructions",
              "manifest_sha256": sha256_file(tmp_path / "a" / "manifest.json")}
     w2 = ArtifactWriter(tmp_path / "b", "sft", config_hash="h", inputs=[entry])
-    w2.finalize()
+    w2.finalize(invariants=[Result("records_written", Status.PASS, Severity.ERROR, "test")])
     r = InputsCertified().check(tmp_path / "b")
     assert r.status == Status.FAIL and "not certified" in r.evidence and "no_chat_markers" in r.evidence
     rec = RecordedInvariantsPassed().check(tmp_path / "a")
@@ -73,10 +73,10 @@ def test_uncertified_input_fails(tmp_path):
 
 def test_other_config_fails(make_run_dir):
     run = make_run_dir()
-    assert ConfigHashMatches(run_hash(run)).check(run / "sft").status == Status.PASS
-    r = ConfigHashMatches("0" * 64).check(run / "sft")
+    assert ConfigHashMatches(run_hash(run)).check(run / "responses").status == Status.PASS
+    r = ConfigHashMatches("0" * 64).check(run / "responses")
     assert r.status == Status.FAIL and "another config" in r.evidence
-    assert ConfigHashMatches().check(ArtifactSubject(run / "sft", config_hash="f" * 64)).status == Status.FAIL
+    assert ConfigHashMatches().check(ArtifactSubject(run / "responses", config_hash="f" * 64)).status == Status.FAIL
 
 
 def test_interrupted_artifact_fails(tmp_path):
@@ -90,11 +90,11 @@ def test_interrupted_artifact_fails(tmp_path):
 
 def test_certified_flag_must_agree_with_results(make_run_dir):
     run = make_run_dir()
-    m = run / "sft" / "manifest.json"
+    m = run / "responses" / "manifest.json"
     data = json.loads(m.read_text())
     data["invariants"].append({"name": "no_chat_markers", "status": "fail", "severity": "error", "evidence": "x"})
     m.write_text(json.dumps(data))  # a hand edit that keeps "certified": true
-    r = ManifestComplete().check(run / "sft")
+    r = ManifestComplete().check(run / "responses")
     assert r.status == Status.FAIL and "certified=True" in r.evidence
 
 

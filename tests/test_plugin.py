@@ -24,8 +24,8 @@ USER_TESTS = """
 
     def test_run_has_config(cai_run, cai_config):
         assert cai_config.format == "instruction_response"
-        assert set(cai_run.stages) == {"instructions", "sft"}
-        assert cai_run.artifact("sft").joinpath("manifest.json").is_file()
+        assert set(cai_run.stages) == {"candidates", "instructions", "responses"}
+        assert cai_run.artifact("responses").joinpath("manifest.json").is_file()
 
     @pytest.mark.stage("dpo")
     def test_needs_dpo(cai_run):
@@ -49,52 +49,52 @@ def test_passing_run(pytester, make_run_dir):
     assert result.ret == 0
     outcomes = result.parseoutcomes()
     assert outcomes["skipped"] == 1 and outcomes["passed"] > 10
-    result.stdout.fnmatch_lines(["*cai invariants*", "PASS*sft::hashes_verify*", "cai: all * invariant(s) hold*",
+    result.stdout.fnmatch_lines(["*cai invariants*", "PASS*responses::hashes_verify*", "cai: all * invariant(s) hold*",
                                  "*run has no 'dpo' artifact*"])
     report = report_of(run_dir)
     assert report["verdict"] == "VALID" and report["void"] is False and report["failed"] == []
     assert report["counts"]["fail"] == 0 and report["exitstatus"] == 0
     # JUnit lists every invariant of every artifact as a test case
     cases = {(c.get("classname"), c.get("name")) for c in ET.parse(xml).iter("testcase")}
-    assert (f"cai-run[{run_dir.name}].sft", "hashes_verify") in cases
-    assert (f"cai-run[{run_dir.name}].sft", "no_chat_markers") in cases
+    assert (f"cai-run[{run_dir.name}].responses", "hashes_verify") in cases
+    assert (f"cai-run[{run_dir.name}].responses", "no_chat_markers") in cases
     assert (f"cai-run[{run_dir.name}].instructions", "manifest_complete") in cases
     assert (f"cai-run[{run_dir.name}].run", "loads_sequenced") in cases
     # the stage's own recorded results appear one by one beside the live re-checks
-    assert (f"cai-run[{run_dir.name}].sft", "no_chat_markers[recorded]") in cases
+    assert (f"cai-run[{run_dir.name}].responses", "no_chat_markers[recorded]") in cases
 
 
 def test_tampered_run_is_void(pytester, make_run_dir):
     run_dir = make_run_dir()
-    shard = next((run_dir / "sft" / "data").glob("*.jsonl"))
+    shard = next((run_dir / "responses" / "data").glob("*.jsonl"))
     shard.write_text(shard.read_text().replace("Joyful", "Joyful<|im_end|>"))
     pytester.makepyfile(test_user=USER_TESTS)
     xml = pytester.path / "junit.xml"
     result = run(pytester, "--cai-run", str(run_dir), f"--junitxml={xml}")
     assert result.ret == 1 | VOID_EXIT_CODE  # invariant items failed, and the run is void
-    result.stdout.fnmatch_lines(["*invariant hashes_verify ?error? failed on sft*",
-                                 "FAIL*sft::hashes_verify*", "cai: run VOID: *sft::hashes_verify*"])
+    result.stdout.fnmatch_lines(["*invariant hashes_verify ?error? failed on responses*",
+                                 "FAIL*responses::hashes_verify*", "cai: run VOID: *responses::hashes_verify*"])
     report = report_of(run_dir)
     assert report["verdict"] == "VOID" and report["void"] is True
-    assert {"sft::hashes_verify", "sft::no_chat_markers"} <= set(report["failed"])
+    assert {"responses::hashes_verify", "responses::no_chat_markers"} <= set(report["failed"])
     failures = {c.get("name") for c in ET.parse(xml).iter("testcase") if c.find("failure") is not None}
     assert {"hashes_verify", "no_chat_markers"} <= failures
 
 
 def test_void_run_fails_even_when_every_selected_test_passes(pytester, make_run_dir):
     run_dir = make_run_dir()
-    shard = next((run_dir / "sft" / "data").glob("*.jsonl"))
+    shard = next((run_dir / "responses" / "data").glob("*.jsonl"))
     shard.write_text(shard.read_text().replace("Joyful", "Cheerful"))
     pytester.makepyfile(test_user=USER_TESTS)
     result = run(pytester, "--cai-run", str(run_dir), "-m", "not invariant")
     assert result.parseoutcomes().get("failed", 0) == 0
     assert result.ret == VOID_EXIT_CODE
-    assert report_of(run_dir)["failed"] == ["sft::hashes_verify"]
+    assert report_of(run_dir)["failed"] == ["responses::hashes_verify"]
 
 
 def test_no_gate_reports_without_changing_the_exit_status(pytester, make_run_dir):
     run_dir = make_run_dir()
-    shard = next((run_dir / "sft" / "data").glob("*.jsonl"))
+    shard = next((run_dir / "responses" / "data").glob("*.jsonl"))
     shard.write_text(shard.read_text().replace("Joyful", "Cheerful"))
     pytester.makepyfile(test_user=USER_TESTS)
     result = run(pytester, "--cai-run", str(run_dir), "-m", "not invariant", "--cai-no-gate")
@@ -150,14 +150,14 @@ def test_invariant_items_are_selectable(pytester, make_run_dir):
     run_dir = make_run_dir()
     pytester.makepyfile(test_user=USER_TESTS)
     result = run(pytester, "--cai-run", str(run_dir), "-m", "invariant", "--collect-only", "-q")
-    result.stdout.fnmatch_lines([f"cai-run[[]{run_dir.name}[]]::sft::hashes_verify"])
+    result.stdout.fnmatch_lines([f"cai-run[[]{run_dir.name}[]]::responses::hashes_verify"])
     assert "test_run_has_config" not in result.stdout.str()
 
 
 def test_missing_run_dir_is_a_usage_error(pytester, tmp_path):
     result = run(pytester, "--cai-run", str(tmp_path / "nope"))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--cai-run*not a directory*"])
+    result.stderr.fnmatch_lines(["*--cai-run*run directory not found*"])
 
 
 def test_failure_recorded_in_a_manifest_voids_the_run(pytester, make_run_dir, sft_record):
@@ -166,5 +166,5 @@ def test_failure_recorded_in_a_manifest_voids_the_run(pytester, make_run_dir, sf
     result = run(pytester, "--cai-run", str(run_dir), "-m", "invariant")
     assert result.ret == 1 | VOID_EXIT_CODE
     failed = report_of(run_dir)["failed"]
-    assert "sft::no_chat_markers[recorded]" in failed and "sft::no_chat_markers" in failed
-    assert "sft::hashes_verify" not in failed
+    assert "responses::no_chat_markers[recorded]" in failed and "responses::no_chat_markers" in failed
+    assert "responses::hashes_verify" not in failed

@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 
 from cai.errors import ArtifactError
 from cai.invariants.base import Result, Severity, Status
-from cai.pipeline.store import ArtifactWriter, peek_records, read_artifact, read_jsonl, read_manifest
+from cai.pipeline.store import (ArtifactWriter, input_dir, input_entry, peek_records, read_artifact, read_jsonl,
+                                read_manifest)
+
+CHECKED = [Result("records_written", Status.PASS, Severity.ERROR, "the test wrote these records")]
 
 WRITER = textwrap.dedent("""
     import sys
@@ -68,14 +71,14 @@ def test_torn_last_line_is_cut_on_resume(tmp_path):
     resumed = ArtifactWriter(tmp_path, "demo", config_hash="h", shard_size=100, resume=True)
     assert [r["id"] for r in resumed.done] == [0, 1, 2]
     resumed.append({"id": 3})
-    resumed.finalize()
+    resumed.finalize(invariants=CHECKED)
     assert [r["id"] for r in read_artifact(tmp_path).records()] == [0, 1, 2, 3]
 
 
 def test_tampered_data_is_detected_by_hash(tmp_path):
     writer = ArtifactWriter(tmp_path, "demo", config_hash="h")
     writer.extend({"id": i, "completion": " ok"} for i in range(4))
-    writer.finalize()
+    writer.finalize(invariants=CHECKED)
     data = next((tmp_path / "data").glob("*.jsonl"))
     data.write_text(data.read_text().replace(" ok", " OK", 1))
     with pytest.raises(ArtifactError, match="sha256 differs"):
@@ -90,6 +93,41 @@ def test_failed_error_invariant_means_not_certified(tmp_path):
     with pytest.raises(ArtifactError, match="no-chat-markers"):
         read_artifact(tmp_path)
     assert read_artifact(tmp_path, require_certified=False).manifest["stage"] == "demo"
+
+
+def test_an_artifact_nothing_checked_is_not_certified(tmp_path):
+    writer = ArtifactWriter(tmp_path, "demo", config_hash="h")
+    writer.append({"id": 0})
+    assert writer.finalize()["certified"] is False
+    with pytest.raises(ArtifactError, match="nothing checked it"):
+        read_artifact(tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [(b"[1, 2]\n", "expected a JSON object, got list"),
+                                              (b'{"schema": "cai.artifact/1", "sta', "invalid JSON"),
+                                              (b'{"schema": "cai.artifact/1", "stage": "\xff"}', "not UTF-8")])
+def test_an_unreadable_manifest_is_one_line_naming_it(tmp_path, content, message):
+    (tmp_path / "manifest.json").write_bytes(content)
+    with pytest.raises(ArtifactError, match=message) as err:
+        read_manifest(tmp_path)
+    assert "manifest.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_non_utf8_byte_names_file_and_line(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"a": "caf\xe9"}\n')
+    with pytest.raises(ArtifactError, match=r"x\.jsonl:2: not UTF-8 \(byte 0xe9 at column 11\)"):
+        read_jsonl(path)
+
+
+def test_inputs_are_named_relative_to_the_consumer_so_a_moved_run_checks_its_own_files(tmp_path):
+    upstream = ArtifactWriter(tmp_path / "run" / "instructions", "instructions", config_hash="h")
+    upstream.append({"id": "a"})
+    upstream.finalize(invariants=CHECKED)
+    entry = input_entry(tmp_path / "run" / "instructions", tmp_path / "run" / "responses")
+    assert entry["path"] == "../instructions"
+    (tmp_path / "run").rename(tmp_path / "moved")
+    assert read_artifact(input_dir(tmp_path / "moved" / "responses", entry)).manifest["stage"] == "instructions"
 
 
 def test_resume_refuses_another_config(tmp_path):
@@ -111,7 +149,7 @@ def test_resume_refuses_changed_inputs(tmp_path):
 
 
 def test_existing_artifact_is_never_overwritten(tmp_path):
-    ArtifactWriter(tmp_path, "demo", config_hash="a").finalize()
+    ArtifactWriter(tmp_path, "demo", config_hash="a").finalize(invariants=CHECKED)
     with pytest.raises(ArtifactError, match="already exists"):
         ArtifactWriter(tmp_path, "demo", config_hash="a")
 
@@ -134,7 +172,7 @@ def test_records_round_trip_through_shards(tmp_path_factory, records, shard_size
     out = tmp_path_factory.mktemp("a")
     writer = ArtifactWriter(out, "demo", config_hash="h", shard_size=shard_size)
     writer.extend(records)
-    manifest = writer.finalize()
+    manifest = writer.finalize(invariants=CHECKED)
     assert list(read_artifact(out).records()) == records
     assert manifest["outputs"]["records"] == len(records)
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest, default=str))

@@ -68,8 +68,14 @@ def pytest_configure(config: pytest.Config) -> None:
     for line in MARKERS:
         config.addinivalue_line("markers", line)
     run_dir = config.getoption("--cai-run", default=None)
-    if run_dir is not None and not Path(run_dir).is_dir():
-        raise pytest.UsageError(f"--cai-run {run_dir}: not a directory")
+    if run_dir is not None:
+        from cai.errors import CaiError
+        from cai.invariants.check import require_run_dir
+
+        try:
+            require_run_dir(run_dir)  # nothing is written into a directory that is not a run
+        except CaiError as err:
+            raise pytest.UsageError(f"--cai-run {err}") from None
     config.stash[CAI_SESSION] = CaiSession(run_dir, config.getoption("--cai-report-dir", default=None),
                                            gate=not config.getoption("--cai-no-gate", default=False))
 
@@ -144,12 +150,7 @@ def _invariant_items(session: pytest.Session, cai: CaiSession) -> list[pytest.It
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     cai = _session(config)
     if cai.run_dir is not None:
-        from cai.errors import CaiError
-
-        try:
-            items.extend(_invariant_items(session, cai))
-        except CaiError as err:
-            raise pytest.UsageError(f"--cai-run {cai.run_dir}: {str(err).splitlines()[0]}") from None
+        items.extend(_invariant_items(session, cai))  # run_results() turns any failure into a failed result
         stages = set(cai.run.stages)
         for item in items:
             for mark in item.iter_markers("stage"):
@@ -222,11 +223,7 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     cai = _session(session.config)
-    if cai.run_dir is not None:
-        try:
-            cai.run_results()  # the run's invariants gate the session even if collection stopped early
-        except Exception:  # noqa: BLE001 - already reported as a usage error at collection
-            pass
+    cai.run_results()  # the run's invariants gate the session even if collection stopped early (never raises)
     if cai.gate and cai.void:
         session.exitstatus = int(session.exitstatus) | VOID_EXIT_CODE
     cai.exitstatus = int(session.exitstatus)

@@ -1,18 +1,19 @@
 """The run report: invariants first, then results (or a VOID banner), plots, provenance.
 
-Built only from files in the run directory (manifests, `reports/results.json`,
-`reports/invariants.json`), so `cai report RUN_DIR` rebuilds it exactly.
+Built from invariant results and evaluation results computed in the same invocation:
+`pytest suites/` passes its session's; `cai report RUN_DIR` verifies the run again (hashes,
+manifest chain, content checks), keeps the evaluation tests' results recorded in
+`reports/invariants.json`, and recomputes the scores from the verified eval artifact. No
+stored result is trusted: `reports/results.json` is an output only.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 from pathlib import Path
 from typing import Any
 
-from cai.errors import BadInputError
 from cai.pipeline.store import MANIFEST, read_manifest
 
 REPORT_DIR = "reports"
@@ -24,18 +25,33 @@ def _stage_dirs(run_dir: Path) -> list[Path]:
     return found
 
 
-def collect_invariants(run_dir: Path) -> list[dict[str, Any]]:
-    """Every invariant result of the run. After `pytest suites/`, the harness's
-    reports/invariants.json holds them all (each artifact's checks and the evaluation's);
-    before it, the artifacts' manifests are the record."""
-    session = run_dir / REPORT_DIR / "invariants.json"
-    if session.is_file():
-        return [{"where": r.get("subject") or "run", **r} for r in json.loads(session.read_text()).get("results", [])]
-    rows = []
-    for d in _stage_dirs(run_dir):
-        for r in read_manifest(d).get("invariants", []):
-            rows.append({"where": d.name, **r})
-    return rows
+def _manifest_or_none(directory: Path) -> dict[str, Any]:
+    """The manifest for display, or {} when it is missing or unreadable (the verification
+    reports why; the report must still be written)."""
+    from cai.errors import CaiError
+
+    try:
+        return read_manifest(directory)
+    except CaiError:
+        return {}
+
+
+def compute_results(run_dir: str | Path) -> dict[str, Any]:
+    """Canonical scores and paired comparisons from the run's eval artifact, read through
+    `read_artifact` (complete, hashes verified, certified), computed now."""
+    from cai.errors import ConfigError
+    from cai.invariants.check import run_info
+    from cai.pipeline.compare import load_eval_set, summarize
+    from cai.pipeline.store import read_artifact
+
+    run_dir = Path(run_dir)
+    cfg = run_info(run_dir)["config"]
+    if cfg is None:
+        raise ConfigError(f"{run_dir}: the run carries no config: its results cannot be scored")
+    records = list(read_artifact(run_dir / "eval").records())
+    wanted = {(r["eval_set"], r["key"]) for r in records}
+    items = [it for name in cfg.eval.sets for it in load_eval_set(name) if (name, it["key"]) in wanted]
+    return summarize(cfg, items, records)
 
 
 def _plots(run_dir: Path, results: dict[str, Any] | None) -> dict[str, Path]:
@@ -80,9 +96,7 @@ def _plots(run_dir: Path, results: dict[str, Any] | None) -> dict[str, Path]:
             plt.close(fig)
     margins = []
     for stage in ("instructions", "responses"):
-        d = run_dir / stage / MANIFEST
-        if d.is_file():
-            margins += read_manifest(run_dir / stage).get("extra", {}).get("critic_margins", [])
+        margins += _manifest_or_none(run_dir / stage).get("extra", {}).get("critic_margins", [])
     if margins:
         fig, ax = plt.subplots(figsize=(4, 3))
         ax.hist(margins, bins=20, color="#55a868")
@@ -103,18 +117,22 @@ def _fmt_ci(ci) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
-def build_report(run_dir: str | Path) -> Path:
-    """Write reports/report.md and reports/report.html for a run; return the markdown path."""
+def build_report(run_dir: str | Path, invariants: list[dict[str, Any]], results: dict[str, Any] | None) -> Path:
+    """Write reports/report.md, report.html and results.json for a run from `invariants`
+    (result dicts with `where`) and `results` (None: no scores this invocation; a stale
+    results.json is removed, never shown). Return the markdown path."""
+    from cai.pipeline.store import write_json_atomic
+
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise BadInputError(f"{run_dir}: run directory not found")
     report_dir = run_dir / REPORT_DIR
     report_dir.mkdir(parents=True, exist_ok=True)
-    invariants = collect_invariants(run_dir)
     failed = [r for r in invariants if r["status"] == "fail"]
-    results_path = report_dir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else None
     void = bool(failed)
+    results_path = report_dir / "results.json"
+    if results is not None and not void:
+        write_json_atomic(results_path, results)
+    else:
+        results_path.unlink(missing_ok=True)
     plots = _plots(run_dir, None if void else results)
 
     md = [f"# cai run report: {run_dir.name}", ""]
@@ -171,10 +189,13 @@ def build_report(run_dir: str | Path) -> Path:
                               for name, p in plots.items()] + [""]
     md += ["## Provenance", ""]
     for d in _stage_dirs(run_dir):
-        m = read_manifest(d)
+        m = _manifest_or_none(d)
+        if not m:
+            md.append(f"- `{d.name}`: manifest unreadable")
+            continue
         model = m.get("model") or {}
-        md.append(f"- `{d.name}`: certified={m.get('certified')}, records={m['outputs']['records']}, "
-                  f"config {m.get('config_hash', '')[:12]}, model {model.get('source', '-')} "
+        md.append(f"- `{d.name}`: certified={m.get('certified')}, records={(m.get('outputs') or {}).get('records', '-')}, "
+                  f"config {str(m.get('config_hash', ''))[:12]}, model {model.get('source', '-')} "
                   f"({model.get('quantization', '-')}), git {(m.get('environment') or {}).get('git_commit') or '-'}")
     md.append("")
     md_path = report_dir / "report.md"
@@ -194,8 +215,41 @@ def _write_html(path: Path, markdown: str, plots: dict[str, Path]) -> None:
                     f"<pre style='white-space:pre-wrap'>{html.escape(markdown)}</pre>{images}")
 
 
+def rebuild(run_dir: str | Path) -> tuple[Path, bool]:
+    """`cai report`: verify the run now, keep the evaluation tests' recorded results, score
+    the verified eval artifact, and write invariants.json and the report. Returns (report
+    path, void)."""
+    from cai.errors import CaiError
+    from cai.harness.session import REPORT_NAME, CaiSession
+    from cai.invariants.base import Result, Severity, Status
+    from cai.invariants.check import require_run_dir
+    from cai.pipeline.store import read_json_object
+
+    run_dir = require_run_dir(run_dir)
+    session = CaiSession(run_dir)
+    session.run_results()
+    stored = run_dir / REPORT_DIR / REPORT_NAME
+    try:
+        tests = [r for r in read_json_object(stored).get("results", []) if r.get("source") != "run"]
+        for r in tests:
+            session.record(Result(r["name"], Status(r["status"]), Severity(r["severity"]), str(r["evidence"])),
+                           subject=r.get("subject", ""), source=r["source"])
+    except (CaiError, KeyError, TypeError, ValueError, AttributeError) as err:
+        why = "missing: run `pytest suites/ --cai-run RUN` first" if not stored.is_file() else \
+            f"unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+        session.record(Result("evaluation_recorded", Status.FAIL, Severity.ERROR, f"{stored}: {why}"))
+    results = None
+    if not session.void:
+        try:
+            results = compute_results(run_dir)
+        except CaiError as err:
+            session.record(Result("results_computed", Status.FAIL, Severity.ERROR, str(err).splitlines()[0]))
+    session.write_report(None)
+    path = build_report(run_dir, [e.to_json() for e in session.entries], results)
+    return path, session.void
+
+
 def cli_main(args) -> int:
-    path = build_report(args.run_dir)
-    print(f"report: {path}")
-    failed = [r for r in collect_invariants(Path(args.run_dir)) if r["status"] == "fail"]
-    return 1 if failed else 0
+    path, void = rebuild(args.run_dir)
+    print(f"report ({'VOID' if void else 'VALID'}): {path}")
+    return 1 if void else 0

@@ -44,21 +44,25 @@ class RunContext:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "RunContext":
-        from cai.errors import ArtifactError, BadInputError
-        from cai.invariants.check import find_artifacts, run_info
+        """The run as far as it can be read: an unreadable run.json or manifest leaves its
+        field empty (the verification fails on it, naming it); a directory that is not a run
+        at all is bad input."""
+        from cai.errors import CaiError
+        from cai.invariants.check import find_artifacts, require_run_dir, run_info
         from cai.pipeline.store import read_manifest
 
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise BadInputError(f"{run_dir}: run directory not found")
-        info = run_info(run_dir)
+        run_dir = require_run_dir(run_dir)
+        try:
+            info = run_info(run_dir)
+        except CaiError:
+            info = {"config": None, "config_hash": None, "run_json": None}
         ctx = cls(run_dir, info["config"], info["config_hash"], info["run_json"])
         for a in find_artifacts(run_dir):
             rel = a.relative_to(run_dir).as_posix()
             ctx.artifacts[rel] = a
             try:
                 ctx.manifests[rel] = read_manifest(a)
-            except ArtifactError:
+            except CaiError:
                 ctx.manifests[rel] = {}
         return ctx
 
@@ -90,6 +94,9 @@ def _recorded(manifest: dict[str, Any]) -> list[Any]:
 
     out = []
     for d in manifest.get("invariants", []):
+        if not isinstance(d, dict):
+            out.append(Result("unreadable[recorded]", Status.FAIL, Severity.ERROR, f"recorded result {d!r} is not an object"))
+            continue
         try:
             status, severity = Status(d.get("status")), Severity(d.get("severity", "error"))
         except ValueError:
@@ -111,6 +118,7 @@ class CaiSession:
         self._run_results: list[tuple[str, Any]] | None = None
         self.report_path: Path | None = None
         self.exitstatus: int | None = None
+        self.results: dict[str, Any] | None = None  # evaluation results computed in this session
 
     # -- the run ------------------------------------------------------------
 
@@ -122,26 +130,32 @@ class CaiSession:
 
     def run_results(self) -> list[tuple[str, Any]]:
         """(subject, Result) for every invariant of the run: each artifact's provenance,
-        recorded and data invariants, and the run-level checks (subject ""). Evaluated once,
-        and recorded for the gate whether or not their test items are selected."""
-        if self._run_results is None:
-            self._run_results = []
-            if self.run_dir is not None:
-                from cai.invariants.base import Result
-                from cai.invariants.check import check_run
+        recorded and content invariants, and the run-level checks (subject ""). Evaluated
+        once, and recorded for the gate whether or not their test items are selected. Fails
+        closed: if the verification itself raises, that is one failed result naming why."""
+        if self._run_results is None and self.run_dir is not None:
+            from cai.invariants.base import Result, Severity, Status
+            from cai.invariants.check import check_run
 
+            rows: list[tuple[str, Any]] = []
+            try:
                 report = check_run(self.run_dir)
-                rows: list[tuple[str, Any]] = []
                 for r in report.results:
                     subject, _, name = r.name.rpartition("/")
-                    if name == "recorded_invariants_passed" and self.run.manifests.get(subject, {}).get("invariants"):
+                    recorded = self.run.manifests.get(subject, {}).get("invariants")
+                    if name == "recorded_invariants_passed" and isinstance(recorded, list) and recorded:
                         rows.extend((subject, rec) for rec in _recorded(self.run.manifests[subject]))
+                        if r.blocking:  # keep the aggregate too when it failed for a reason of its own
+                            rows.append((subject, Result(name, r.status, r.severity, r.evidence, r.details)))
                         continue  # one item per recorded result instead of the aggregate
                     rows.append((subject, Result(name, r.status, r.severity, r.evidence, r.details)))
-                for subject, res in rows:
-                    self._run_results.append((subject, res))
-                    self.entries.append(Entry(subject, "run", res))
-        return self._run_results
+            except Exception as err:  # noqa: BLE001 - a verification that could not run is a failure
+                first = str(err).splitlines()[0] if str(err) else ""
+                rows = [("", Result("run_verification", Status.FAIL, Severity.ERROR,
+                                    f"verifying {self.run_dir} raised {type(err).__name__}: {first}"))]
+            self._run_results = rows
+            self.entries.extend(Entry(subject, "run", res) for subject, res in rows)
+        return self._run_results or []
 
     # -- the gate -----------------------------------------------------------
 

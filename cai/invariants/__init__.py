@@ -15,6 +15,8 @@ in the manifest via `ArtifactWriter.finalize(invariants=...)`, then `raise_on_fa
   the closed slot (stage boundary); `PeakMemoryRecorded()` (warning) on a slot or manifest;
   `memory_snapshot(events_since)` is what a stage passes to finalize(memory=...)
 - `slot_leakage_results(slot)`: leakage layers 1 and 5 on the data slot (tokenizer, sentinel)
+- `LmEvalNoControlTokens`, `LmEvalPromptParity`, `LmEvalScoreAgreement` on their probes
+  (`cai.invariants.lmeval`; `cai.pipeline.lmeval.run_lm_eval` builds and checks them)
 - `provenance_invariants(config_hash)` on an artifact directory
 - `offline_invariants(model_cfg)` on None, before the first stage
 - `SentinelBehaviour()` (warning) on a `ModelSlot` / `LoadedModel`
@@ -30,16 +32,17 @@ from cai.invariants.leakage import (ChatTemplateDisabled, ChatTemplateRefuses, C
                                     ModelSubject, NoChatMarkers, NoSpecialTokenIds, RoundTrip,
                                     SentinelBehaviour, TokenizerSubject, check_tokenizer,
                                     prompt_tokenizer_subject, tokenizer_invariants)
+from cai.invariants.lmeval import LmEvalNoControlTokens, LmEvalPromptParity, LmEvalScoreAgreement
 from cai.invariants.markers import control_token_ids, find_chat_markers
 from cai.invariants.memory import (LoadsSequenced, ModelsReleased, OneBaseModelResident, PeakMemoryRecorded,
                                    memory_invariants, memory_snapshot, open_slot_invariants)
-from cai.invariants.slot import slot_leakage_results
 from cai.invariants.offline import (HubOffline, ModelSourceLocal, PunktAvailable, enforce_offline,
                                     offline_invariants)
 from cai.invariants.parity import FormatMatchesTraining, PromptFormatParity, PromptsIdenticalAcrossModels
 from cai.invariants.provenance import (ArtifactSubject, ConfigHashMatches, HashesVerify, InputsCertified,
                                        ManifestComplete, RecordedInvariantsPassed, provenance_invariants)
 from cai.invariants.records import RecordSet, detect_kind, load_records
+from cai.invariants.slot import slot_leakage_results
 
 __all__ = [
     "Invariant", "Result", "Severity", "Status", "all_passed", "evaluate", "raise_on_failures",
@@ -52,6 +55,7 @@ __all__ = [
     "find_chat_markers", "control_token_ids", "tokenizer_invariants",
     "OneBaseModelResident", "ModelsReleased", "PeakMemoryRecorded", "LoadsSequenced", "memory_invariants",
     "memory_snapshot", "open_slot_invariants", "slot_leakage_results",
+    "LmEvalNoControlTokens", "LmEvalPromptParity", "LmEvalScoreAgreement",
     "HubOffline", "ModelSourceLocal", "PunktAvailable", "enforce_offline", "offline_invariants",
     "PromptFormatParity", "FormatMatchesTraining", "PromptsIdenticalAcrossModels",
     "ArtifactSubject", "ManifestComplete", "HashesVerify", "InputsCertified", "ConfigHashMatches",

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from cai.errors import ArtifactError, BadInputError, ConfigError
+from cai.errors import BadInputError, CaiError, ConfigError
 from cai.invariants.base import Invariant, Result, Severity, Status, all_passed, evaluate
 
 MODEL_ALIASES = ("embedded", "tiny-random")
 REPORT_KEYS = ("name", "status", "severity", "evidence")
-SKIP_DIRS = {"reports", ".git", "__pycache__", "checkpoints"}
+SKIP_DIRS = {"reports", ".git", "__pycache__", "checkpoints", "discarded"}
 
 
 @dataclass
@@ -111,20 +111,30 @@ def find_artifacts(run_dir: Path, max_depth: int = 3) -> list[Path]:
     return found
 
 
+def require_run_dir(path: str | Path) -> Path:
+    """`path` as a run directory: it exists and holds a run.json or artifact manifests below
+    it. Anything else is bad input, so no command writes reports or stages into a directory
+    that is not a run."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BadInputError(f"{path}: run directory not found")
+    if not (path / "run.json").is_file() and not find_artifacts(path):
+        raise BadInputError(f"{path}: not a cai run (no run.json and no manifest.json below it)")
+    return path
+
+
 def run_info(run_dir: Path) -> dict[str, Any]:
     """What a run directory says about itself: run.json (if any), its config and config
-    hash (from run.json "config_hash" / "config", or config.yaml / config.yml)."""
+    hash (from run.json "config_hash" / "config", or config.yaml / config.yml). An
+    unreadable run.json or config is bad input naming the file."""
     from cai.config import RunConfig, load_config
+    from cai.pipeline.store import read_json_object
 
     run_dir = Path(run_dir)
     info: dict[str, Any] = {"run_json": None, "config": None, "config_hash": None}
     rj = run_dir / "run.json"
     if rj.is_file():
-        try:
-            info["run_json"] = json.loads(rj.read_text())
-        except json.JSONDecodeError as err:
-            raise BadInputError(f"{rj}: invalid JSON ({err.msg})") from None
-        data = info["run_json"] if isinstance(info["run_json"], dict) else {}
+        data = info["run_json"] = read_json_object(rj, BadInputError)
         if isinstance(data.get("config"), dict):
             try:
                 info["config"] = RunConfig.model_validate(data["config"])
@@ -141,26 +151,45 @@ def run_info(run_dir: Path) -> dict[str, Any]:
     return info
 
 
-def _records_of(artifact_dir: Path, manifest: dict[str, Any]):
-    """The artifact's records as a RecordSet when their kind is recognisable, else None."""
-    from cai.invariants.data import RecordSet, detect_kind
+def _records(artifact_dir: Path, manifest: dict[str, Any]) -> list[dict]:
+    """The artifact's data records, read through the one JSONL reader (ArtifactError naming
+    file and line on bytes that do not parse)."""
     from cai.pipeline.store import read_jsonl
 
     records = []
-    try:
-        for name in manifest.get("outputs", {}).get("files", {}):
+    for name, meta in manifest.get("outputs", {}).get("files", {}).items():
+        if not (isinstance(meta, dict) and meta.get("kind") == "file"):
             records.extend(read_jsonl(artifact_dir / name))
-    except BadInputError:
-        return None  # missing / unreadable file: hashes_verify reports it
-    kind = detect_kind(records)
-    return RecordSet(kind, records, artifact_dir) if kind else None
+    return records
+
+
+class RecordsReadable(Invariant):
+    """Prevents checks from passing over data they could not read: every data file of the
+    artifact parses as JSONL objects (bytes that are not UTF-8 or JSON fail, naming file and line)."""
+
+    name = "records_readable"
+
+    def _check(self, subject):
+        artifact_dir, manifest = subject
+        try:
+            records = _records(artifact_dir, manifest)
+        except CaiError as err:
+            return False, str(err).splitlines()[0]
+        return True, f"{len(records)} record(s) read"
+
+
+def _fail(name: str, evidence: str) -> Result:
+    return Result(name, Status.FAIL, Severity.ERROR, evidence)
 
 
 def artifact_results(artifact_dir: str | Path, *, config_hash: str | None = None, config=None) -> list[Result]:
-    """Provenance + recorded invariants + peak memory + (recognisable records) data invariants."""
-    from cai.invariants.data import data_invariants, eval_response_invariants, is_eval_responses
+    """Provenance + recorded invariants + peak memory + the content invariants of the
+    artifact's stage (`cai.invariants.artifacts`), re-run on its records. The stage comes
+    from the manifest; a shard gets the record-level checks (its merge ran the stage's)."""
+    from cai.invariants.artifacts import stage_results
     from cai.invariants.memory import PeakMemoryRecorded
     from cai.invariants.provenance import ArtifactSubject, provenance_invariants
+    from cai.pipeline.stages import STAGES
 
     subject = ArtifactSubject(Path(artifact_dir), config_hash)
     results = evaluate(provenance_invariants(config_hash), subject)
@@ -168,16 +197,23 @@ def artifact_results(artifact_dir: str | Path, *, config_hash: str | None = None
     if manifest is None:
         return results
     results.append(PeakMemoryRecorded().check(manifest))
-    rs = _records_of(subject.dir, manifest)
-    if rs is not None and is_eval_responses(rs.records):
-        fmt = (config.eval.format or config.format) if config is not None else None
-        results += evaluate(eval_response_invariants(fmt), rs)
-    elif rs is not None:
-        kw: dict[str, Any] = {}
-        if config is not None:
-            kw = {"train_format": config.format, "critic_enabled": config.critic.enabled}
-        results += evaluate(data_invariants(rs.kind, **kw), rs)
-    return results
+    readable = RecordsReadable().check((subject.dir, manifest))
+    results.append(readable)
+    stage = manifest.get("stage")
+    is_shard = isinstance(manifest.get("extra"), dict) and "shard" in manifest["extra"]
+    if readable.blocking:
+        return results
+    if is_shard:
+        from cai.invariants.artifacts import RecordIds
+
+        return results + [RecordIds().check(_records(subject.dir, manifest))]
+    if stage not in STAGES:
+        return results + [_fail("content_checked", f"{subject.dir}: unknown stage {stage!r}: its content cannot be checked")]
+    if config is None:
+        return results + [_fail("content_checked", f"{subject.dir}: the run carries no config: the {stage} "
+                                                   "content checks depend on it")]
+    files = manifest.get("outputs", {}).get("files", {})
+    return results + stage_results(stage, _records(subject.dir, manifest), config, subject.dir, files)
 
 
 def check_artifact(artifact_dir: str | Path) -> Report:
@@ -203,35 +239,88 @@ class ConfigHashesAgree(Invariant):
         return False, f"artifacts were produced under {len(hashes)} configs; differing from {common[:12]}: {', '.join(odd)}"
 
 
+class RunIndexConsistent(Invariant):
+    """Prevents judging a run against a config it was not run with: run.json parses, its
+    config validates, and the config hashes to the recorded `config_hash`."""
+
+    name = "run_index_consistent"
+
+    def _check(self, run_dir: Path):
+        try:
+            info = run_info(run_dir)
+        except CaiError as err:
+            return False, str(err).splitlines()[0]
+        cfg, recorded = info["config"], info["config_hash"]
+        if cfg is None:
+            return False, f"{run_dir}: no config (run.json 'config' or config.yaml): the run cannot be judged"
+        if cfg.hash() != recorded:
+            return False, f"{run_dir}/run.json: config hashes to {cfg.hash()[:12]}, recorded config_hash {str(recorded)[:12]}"
+        return True, f"config {cfg.name!r} hashes to the recorded {recorded[:12]}"
+
+
+class RequiredStagesPresent(Invariant):
+    """Prevents a run missing a stage (a deleted or never-written manifest, an interrupted
+    stage) from counting: every stage the run requires has a complete manifest in its
+    directory. A run requires every pipeline stage unless its run.json declares fewer
+    (`stages_required`, for partial runs built by hand)."""
+
+    name = "required_stages_present"
+
+    def _check(self, subject):
+        from cai.pipeline.stages import STAGES
+        from cai.pipeline.store import read_manifest
+
+        run_dir, run_json = subject
+        declared = (run_json or {}).get("stages_required", list(STAGES))
+        if not isinstance(declared, list) or not declared or not set(declared) <= set(STAGES):
+            return False, f"{run_dir}/run.json: stages_required {declared!r} is not a non-empty list of stages"
+        problems = []
+        for stage in declared:
+            try:
+                manifest = read_manifest(run_dir / stage)
+            except CaiError as err:
+                problems.append(f"{stage}: {str(err).splitlines()[0]}")
+                continue
+            if manifest.get("stage") != stage:
+                problems.append(f"{stage}: its manifest says stage {manifest.get('stage')!r}")
+            elif not manifest.get("complete"):
+                problems.append(f"{stage}: incomplete (interrupted; finish with --resume)")
+        if problems:
+            return False, f"{len(problems)} of {len(declared)} required stage(s) missing or incomplete: " + "; ".join(problems)
+        return True, f"all {len(declared)} required stage(s) present and complete"
+
+
 def check_run(run_dir: str | Path) -> Report:
-    """Every artifact below `run_dir`, plus run-level checks."""
+    """Every artifact below `run_dir`, plus run-level checks. Fails closed: whatever cannot
+    be read or checked is a failed result naming it, never an exception or a silent skip."""
     from cai.invariants.memory import LoadsSequenced
     from cai.pipeline.store import read_manifest
 
-    run_dir = Path(run_dir)
+    run_dir = require_run_dir(run_dir)
     artifacts = find_artifacts(run_dir)
-    if not artifacts:
-        raise BadInputError(f"{run_dir}: no artifacts (no manifest.json below it)")
-    info = run_info(run_dir)
-    results: list[Result] = []
+    try:
+        info = run_info(run_dir)
+    except CaiError:
+        info = {"run_json": None, "config": None, "config_hash": None}  # RunIndexConsistent says why
+    results: list[Result] = [RunIndexConsistent().check(run_dir), RequiredStagesPresent().check((run_dir, info["run_json"]))]
     manifests: dict[str, dict] = {}
     for a in artifacts:
         rel = a.relative_to(run_dir).as_posix()
-        for r in artifact_results(a, config_hash=info["config_hash"], config=info["config"]):
-            results.append(Result(f"{rel}/{r.name}", r.status, r.severity, r.evidence, r.details))
+        try:
+            found = artifact_results(a, config_hash=info["config_hash"], config=info["config"])
+        except Exception as err:  # noqa: BLE001 - a check that could not run is a failure
+            found = [_fail("verification_error", f"{rel}: checking it raised {type(err).__name__}: "
+                                                 f"{str(err).splitlines()[0] if str(err) else ''}")]
+        results += [Result(f"{rel}/{r.name}", r.status, r.severity, r.evidence, r.details) for r in found]
         try:
             manifests[rel] = read_manifest(a)
-        except ArtifactError:
-            pass
-    for inv in (ConfigHashesAgree(),):
-        r = inv.check(manifests)
-        results.append(r)
-    index = run_dir / "run.json"
-    events = json.loads(index.read_text()).get("slot_events") if index.is_file() else None
+        except CaiError:
+            pass  # manifest_complete already failed for it
+    results.append(ConfigHashesAgree().check(manifests))
+    events = (info["run_json"] or {}).get("slot_events")
     # run.json: every finished slot of every process (a killed process's load never released
     # is not there: its memory went with it); manifests only while no slot has closed yet
-    r = LoadsSequenced().check(events if events else list(manifests.values()))
-    results.append(r)
+    results.append(LoadsSequenced().check(events if events else list(manifests.values())))
     return Report(str(run_dir), "run", results, {"artifacts": [a.relative_to(run_dir).as_posix() for a in artifacts],
                                                  "config_hash": info["config_hash"]})
 
@@ -242,6 +331,7 @@ def check_run(run_dir: str | Path) -> Report:
 def classify(path: str) -> str:
     """'model' | 'data' | 'artifact' | 'run' for a `cai check` argument (BadInputError if
     it names nothing)."""
+    from cai.pipeline.models import PICKLE_SUFFIXES, WEIGHT_SUFFIXES
     from cai.pipeline.store import MANIFEST
 
     if path in MODEL_ALIASES:
@@ -317,4 +407,3 @@ def cli_main(args) -> int:
     else:
         print(format_text(reports))
     return 0 if all(r.ok for r in reports) else 1
-    from cai.pipeline.models import PICKLE_SUFFIXES, WEIGHT_SUFFIXES

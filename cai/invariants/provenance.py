@@ -66,9 +66,14 @@ class ManifestComplete(Invariant):
         missing = [k for k in REQUIRED_KEYS if k not in m]
         if missing:
             return False, f"{a.dir}: manifest lacks {', '.join(missing)}"
-        if bool(m["certified"]) != all_passed(m["invariants"]):
-            return False, (f"{a.dir}: certified={m['certified']} but its recorded invariants "
-                           f"{'passed' if all_passed(m['invariants']) else 'include failures'}")
+        from cai.pipeline.store import certifies
+
+        if not isinstance(m["invariants"], list) or not all(isinstance(r, dict) for r in m["invariants"]):
+            return False, f"{a.dir}: manifest invariants is not a list of results"
+        if bool(m["certified"]) != certifies(m["invariants"]):
+            state = ("include failures" if not all_passed(m["invariants"]) else
+                     "passed" if m["invariants"] else "are missing (nothing was checked)")
+            return False, f"{a.dir}: certified={m['certified']} but its recorded invariants {state}"
         return True, f"stage {m['stage']!r} complete, {m['outputs'].get('records', 0)} record(s)"
 
 
@@ -99,15 +104,17 @@ class InputsCertified(Invariant):
     name = "inputs_certified"
 
     def _check(self, subject):
-        from cai.pipeline.store import MANIFEST, read_artifact, sha256_file
+        from cai.pipeline.store import MANIFEST, input_dir, read_artifact, sha256_file
 
         a = as_artifact(subject)
         if a.manifest is None:
             return False, a.error
         inputs = a.manifest.get("inputs", [])
+        if not isinstance(inputs, list) or not all(isinstance(e, dict) for e in inputs):
+            return False, f"{a.dir}: manifest inputs is not a list of entries"
         problems = []
         for entry in inputs:
-            path = Path(entry.get("path", ""))
+            path = input_dir(a.dir, entry)
             try:
                 read_artifact(path)
             except ArtifactError as err:
@@ -164,6 +171,49 @@ class RecordedInvariantsPassed(Invariant):
                        f"{first.get('name')}: {str(first.get('evidence', ''))[:120]}")
 
 
+class InvariantsRecorded(Invariant):
+    """Prevents certifying what nothing checked: a complete artifact records at least one
+    invariant result (a stage that ran none, or a manifest whose results were deleted, fails)."""
+
+    name = "invariants_recorded"
+
+    def _check(self, subject):
+        a = as_artifact(subject)
+        if a.manifest is None:
+            return False, a.error
+        recorded = a.manifest.get("invariants") or []
+        if not recorded:
+            return False, f"{a.dir}: stage {a.manifest.get('stage')!r} recorded no invariant result"
+        return True, f"{len(recorded)} invariant result(s) recorded"
+
+
+class InputsAsDeclared(Invariant):
+    """Prevents a stage artifact built from the wrong inputs (or whose input list was cut
+    so that nothing upstream is checked): a stage's manifest names exactly the stages the
+    pipeline feeds it (`cai.pipeline.stages.STAGE_INPUTS`), plus, for a merge, its own shards."""
+
+    name = "inputs_as_declared"
+
+    def _check(self, subject):
+        from cai.pipeline.stages import STAGE_INPUTS
+
+        a = as_artifact(subject)
+        if a.manifest is None:
+            return False, a.error
+        stage = a.manifest.get("stage")
+        if stage not in STAGE_INPUTS:
+            return False, f"{a.dir}: unknown stage {stage!r}"
+        entries = a.manifest.get("inputs") if isinstance(a.manifest.get("inputs"), list) else []
+        got = [e.get("stage") for e in entries if isinstance(e, dict)]
+        is_shard = isinstance(a.manifest.get("extra"), dict) and "shard" in a.manifest["extra"]
+        want = list(STAGE_INPUTS[stage])
+        upstream = [s for s in got if s != stage]
+        shards = len(got) - len(upstream)
+        if upstream != want or (is_shard and shards):
+            return False, f"stage {stage!r} names inputs {got}, the pipeline feeds it {want}"
+        return True, f"stage {stage!r} built from {want or 'no input'}" + (f" and {shards} shard(s)" if shards else "")
+
+
 def provenance_invariants(config_hash: str | None = None) -> list[Invariant]:
-    return [ManifestComplete(), HashesVerify(), InputsCertified(), ConfigHashMatches(config_hash),
-            RecordedInvariantsPassed()]
+    return [ManifestComplete(), HashesVerify(), InputsCertified(), InputsAsDeclared(), ConfigHashMatches(config_hash),
+            RecordedInvariantsPassed(), InvariantsRecorded()]

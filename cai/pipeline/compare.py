@@ -13,8 +13,6 @@ Suites:
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import defaultdict
 from importlib import resources
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any
 
 from cai.config import RunConfig
 from cai.errors import BadInputError
+from cai.invariants.parity import prompts_sha256
 from cai.pipeline import formats
 from cai.pipeline.store import ArtifactWriter, read_jsonl
 
@@ -80,10 +79,6 @@ def generation_settings(cfg: RunConfig, suite: str) -> dict[str, Any]:
     return {"temperature": 0.0, "max_new_tokens": cfg.eval.max_new_tokens, "stop": stop}
 
 
-def prompts_sha256(prompts: list[str]) -> str:
-    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
-
-
 def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: list[str], writer: ArtifactWriter) -> dict:
     """Generate every (suite, model, item) response not yet in `writer.done`, appending one
     batch at a time (a crash redoes at most one batch). Returns per-suite prompt hashes per model."""
@@ -102,7 +97,6 @@ def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: lis
         for model_name in SUITE_MODELS[suite]:
             if model_name not in models:
                 continue
-            hashes.setdefault(suite, {})[model_name] = prompts_sha256([p for _, p in rendered])
             todo = [i for i, it in enumerate(items) if f"{suite}/{model_name}/{it['key']}" not in done]
             for start in range(0, len(todo), cfg.eval.batch_size):
                 chunk = todo[start:start + cfg.eval.batch_size]
@@ -119,6 +113,10 @@ def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: lis
                     })
                 bar.update(len(chunk))
     bar.close()
+    for suite in cfg.eval.suites:  # from the prompts each model was actually given, as written
+        for model_name in (m for m in SUITE_MODELS[suite] if m in models):
+            given = sorted((str(r["key"]), r["prompt"]) for r in writer.done if r["suite"] == suite and r["model"] == model_name)
+            hashes.setdefault(suite, {})[model_name] = prompts_sha256([p for _, p in given])
     return {"prompt_sha256": hashes, "settings": {s: generation_settings(cfg, s) for s in cfg.eval.suites},
             "models": models, "n_items": len(items)}
 

@@ -23,11 +23,9 @@ from cai.harness.session import VOID_EXIT_CODE
 from cai.invariants.base import Result, Severity, Status, raise_on_failures
 from cai.pipeline.sharding import (LOCK_FILE, OWNER_LOCK, SHARDS_DIR, Shard, claim, complete_shards, existing_shards,
                                    run_lock, shard_dir, wait_until)
+from cai.pipeline.stages import STAGE_INPUTS, STAGES, downstream
 from cai.pipeline.store import (MANIFEST, Artifact, ArtifactWriter, input_entry, read_artifact, read_manifest,
-                                write_json_atomic)
-
-STAGES = ("candidates", "instructions", "responses", "pairs", "sft", "dpo", "eval")
-
+                                sha256_file, write_json_atomic)
 
 def log(message: str) -> None:
     print(f"[cai] {message}", file=sys.stderr, flush=True)
@@ -173,7 +171,8 @@ class Run:
         previous = check_out_dir(out, cfg, resume=resume)
         out.mkdir(parents=True, exist_ok=True)
         self.index: dict[str, Any] = {"name": cfg.name, "config_hash": cfg.hash(), "config": cfg.model_dump(mode="json"),
-                                      "stages": {}, "status": "running"}
+                                      "stages": {}, "status": "running",
+                                      "stages_required": list(STAGES)}
         if previous is not None:
             self.index["stages"] = previous.get("stages", {})
             self.index["slot_events"] = previous.get("slot_events", [])
@@ -211,12 +210,13 @@ class Run:
             "seconds": manifest["timings"]["wall_seconds"]})
         return True
 
-    def writer(self, stage: str, inputs: list[str], *, directory: Path | None = None,
-               extra_inputs: tuple[Path, ...] = ()) -> ArtifactWriter:
-        """The stage's artifact (or, with `directory`, a shard of it); `inputs` are stages,
-        `extra_inputs` further artifact directories (the shards a merge reads)."""
-        entries = [input_entry(self.stage_dir(s)) for s in inputs] + [input_entry(d) for d in extra_inputs]
-        return ArtifactWriter(directory or self.stage_dir(stage), stage, config_hash=self.cfg.hash(), seed=self.cfg.seed,
+    def writer(self, stage: str, *, directory: Path | None = None, extra_inputs: tuple[Path, ...] = ()) -> ArtifactWriter:
+        """The stage's artifact (or, with `directory`, a shard of it), naming the stages it
+        reads (`STAGE_INPUTS`) and `extra_inputs`, further artifacts (the shards a merge reads)."""
+        target = directory or self.stage_dir(stage)
+        entries = [input_entry(self.stage_dir(s), target) for s in STAGE_INPUTS[stage]] + \
+            [input_entry(d, target) for d in extra_inputs]
+        return ArtifactWriter(target, stage, config_hash=self.cfg.hash(), seed=self.cfg.seed,
                               inputs=entries, resume=True)
 
     def finish(self, stage: str, writer: ArtifactWriter, results: list[Result], **manifest_fields) -> dict:
@@ -245,33 +245,35 @@ def eval_sets(cfg: RunConfig) -> dict[str, list[dict]]:
     return {name: load_eval_set(name) for name in cfg.eval.sets}
 
 
-def data_results(run: Run, kind: str, records: list[dict], slot=None) -> list[Result]:
-    """Every data invariant of a training artifact (+ encoding checks when a tokenizer is at hand)."""
-    from cai.invariants import RecordSet, data_invariants, encoding_invariants, evaluate, prompt_tokenizer_subject
+def data_results(run: Run, stage: str, records: list[dict], slot=None) -> list[Result]:
+    """The stage's content invariants (`cai.invariants.artifacts`, re-run by every later
+    verification) + encoding checks on its prompts when a tokenizer is at hand."""
+    from cai.invariants import encoding_invariants, evaluate, prompt_tokenizer_subject
+    from cai.invariants.artifacts import stage_results
 
-    rs = RecordSet(kind, records)
-    results = evaluate(data_invariants(kind, eval_sets=eval_sets(run.cfg), critic_enabled=run.cfg.critic.enabled,
-                                       train_format=run.cfg.format), rs)
-    if slot is not None:
-        results += evaluate(encoding_invariants(), prompt_tokenizer_subject(rs, slot.tokenizer))
+    results = stage_results(stage, records, run.cfg, run.stage_dir(stage))
+    if slot is not None and any(isinstance(r.get("prompt"), str) for r in records):
+        results += evaluate(encoding_invariants(), prompt_tokenizer_subject(records, slot.tokenizer))
     return results
 
 
 def stage_candidates(run: Run, slot, gen) -> None:
     from cai.pipeline.instructions import generate_instructions
 
-    writer = run.writer("candidates", [])
+    writer = run.writer("candidates")
     stats = generate_instructions(run.cfg, gen, writer)
-    run.finish("candidates", writer, [], model=slot.provenance, extra={"instructions": stats})
+    run.finish("candidates", writer, data_results(run, "candidates", writer.done), model=slot.provenance,
+               extra={"instructions": stats})
 
 
 def stage_instructions(run: Run, slot, gen) -> None:
     from cai.pipeline.critic import filter_instructions
 
     candidates = records_of(run, "candidates")
-    writer = run.writer("instructions", ["candidates"])
+    writer = run.writer("instructions")
     kept, stats = filter_instructions(run.cfg, gen, candidates)
-    run.finish("instructions", writer, [], model=slot.provenance, extra=write_instructions(run, writer, kept, stats))
+    extra = write_instructions(run, writer, kept, stats)
+    run.finish("instructions", writer, data_results(run, "instructions", writer.done), model=slot.provenance, extra=extra)
 
 
 def write_instructions(run: Run, writer: ArtifactWriter, kept: list[dict], stats: dict) -> dict:
@@ -288,27 +290,27 @@ def write_instructions(run: Run, writer: ArtifactWriter, kept: list[dict], stats
 def stage_responses(run: Run, slot, gen) -> None:
     from cai.pipeline.responses import run_responses, shortfall_error
 
-    writer = run.writer("responses", ["instructions"])
+    writer = run.writer("responses")
     stats = run_responses(run.cfg, gen, records_of(run, "instructions"), writer)
     if (err := shortfall_error(run.cfg, stats)) is not None:
         raise err
-    results = data_results(run, "sft", writer.done, slot)
+    results = data_results(run, "responses", writer.done, slot)
     run.finish("responses", writer, results, model=slot.provenance, extra={"responses": stats})
 
 
 def stage_pairs(run: Run, slot, gen) -> None:
     from cai.pipeline.pairs import run_pairs
 
-    writer = run.writer("pairs", ["responses"])
+    writer = run.writer("pairs")
     stats = run_pairs(run.cfg, records_of(run, "responses"), writer)
-    results = data_results(run, "preference", writer.done, slot)
+    results = data_results(run, "pairs", writer.done, slot)
     run.finish("pairs", writer, results, model=slot.provenance, extra={"pairs": stats})
 
 
 def stage_sft(run: Run, slot) -> None:
     from cai.pipeline.sft import train_sft
 
-    writer = run.writer("sft", ["responses"])
+    writer = run.writer("sft")
     result = train_sft(run.cfg, slot, records_of(run, "responses"), run.stage_dir("sft"), resume=run.resume)
     _finish_training(run, "sft", writer, result, slot)
 
@@ -316,7 +318,7 @@ def stage_sft(run: Run, slot) -> None:
 def stage_dpo(run: Run, slot) -> None:
     from cai.pipeline.dpo import train_dpo
 
-    writer = run.writer("dpo", ["pairs", "sft"])
+    writer = run.writer("dpo")
     result = train_dpo(run.cfg, slot, records_of(run, "pairs"), run.stage_dir("sft") / "adapter",
                        run.stage_dir("dpo"), resume=run.resume)
     _finish_training(run, "dpo", writer, result, slot)
@@ -327,23 +329,26 @@ def _finish_training(run: Run, stage: str, writer: ArtifactWriter, result: dict,
     if not writer.done:
         writer.extend(result.get("loss_curve_points", []))
     adapter = Path(result["adapter_dir"])
+    from cai.invariants.artifacts import stage_results
+
     files = [p for p in adapter.rglob("*") if p.is_file()]
     results = [Result.from_json(r) if isinstance(r, dict) else r for r in result.get("invariants", [])]
+    listed = {p.resolve().relative_to(writer.dir.resolve()).as_posix(): {} for p in files}
+    results += stage_results(stage, writer.done, run.cfg, writer.dir, listed)
     run.finish(stage, writer, results, model=slot.provenance, files=files, memory=result.get("memory"),
                extra={k: v for k, v in result.items() if k not in ("invariants", "loss_curve_points")})
 
 
 def stage_eval(run: Run, slot) -> None:
-    from cai.invariants import eval_response_invariants, evaluate
     from cai.pipeline.compare import generate_eval_responses, load_eval_set
 
     cfg = run.cfg
     slot.add_adapter("sft", run.stage_dir("sft") / "adapter")
     slot.add_adapter("dpo", run.stage_dir("dpo") / "adapter")
     items = [it for name in cfg.eval.sets for it in load_eval_set(name, cfg.eval.limit)]
-    writer = run.writer("eval", ["sft", "dpo"])
+    writer = run.writer("eval")
     stats = generate_eval_responses(cfg, slot, items, ["base", "sft", "dpo"], writer)
-    results = evaluate(eval_response_invariants(cfg.format), writer.done)
+    results = data_results(run, "eval", writer.done, slot)
     second_opinion = lm_eval_second_opinion(cfg, slot) if cfg.eval.lm_eval else {}
     for model_report in second_opinion.values():
         results += [Result.from_json(r) for r in model_report.get("invariants", [])]
@@ -392,10 +397,11 @@ def merge_candidates(run: Run, slot, shards: list[Artifact], writer: ArtifactWri
     from cai.pipeline import instructions
 
     if run.cfg.instructions.source == "templates":
-        return [], {"instructions": instructions.template_instructions(run.cfg, writer)}
-    records, stats = instructions.merge_candidates(run.cfg, [r for a in shards for r in a.records()], len(shards))
-    write_missing(writer, records)
-    return [], {"instructions": stats}
+        stats = instructions.template_instructions(run.cfg, writer)
+    else:
+        records, stats = instructions.merge_candidates(run.cfg, [r for a in shards for r in a.records()], len(shards))
+        write_missing(writer, records)
+    return data_results(run, "candidates", writer.done), {"instructions": stats}
 
 
 def shard_instructions(run: Run, gen, shard: Shard, writer: ArtifactWriter) -> dict:
@@ -415,7 +421,8 @@ def merge_instructions(run: Run, slot, shards: list[Artifact], writer: ArtifactW
 
     judgements = {r["id"]: Judgement(**r["judgement"]) for a in shards for r in a.records()}
     kept, stats = select_instructions(run.cfg, records_of(run, "candidates"), judgements)
-    return [], write_instructions(run, writer, kept, stats)
+    extra = write_instructions(run, writer, kept, stats)
+    return data_results(run, "instructions", writer.done), extra
 
 
 def shard_responses(run: Run, gen, shard: Shard, writer: ArtifactWriter) -> dict:
@@ -433,7 +440,15 @@ def merge_responses(run: Run, slot, shards: list[Artifact], writer: ArtifactWrit
     if (err := shortfall_error(run.cfg, stats)) is not None:
         raise err
     write_missing(writer, records)
-    return data_results(run, "sft", writer.done, slot), {"responses": stats}
+    return data_results(run, "responses", writer.done, slot), {"responses": stats}
+
+
+def shard_results(records: list[dict]) -> list[Result]:
+    """A shard holds part of a stage's records: it gets the record-level checks; the merge
+    runs the stage's own invariants on all of them."""
+    from cai.invariants.artifacts import RecordIds
+
+    return [RecordIds().check(records)]
 
 
 def write_missing(writer: ArtifactWriter, records: list[dict]) -> None:
@@ -452,9 +467,9 @@ def shard_summary(shards: list[Artifact]) -> dict:
                                                "seconds": a.manifest["timings"]["wall_seconds"]} for a in shards]}
 
 
-SHARDED_STAGES = {"candidates": (shard_candidates, merge_candidates, []),
-                  "instructions": (shard_instructions, merge_instructions, ["candidates"]),
-                  "responses": (shard_responses, merge_responses, ["instructions"])}
+SHARDED_STAGES = {"candidates": (shard_candidates, merge_candidates),
+                  "instructions": (shard_instructions, merge_instructions),
+                  "responses": (shard_responses, merge_responses)}
 
 
 def run_shard(run: Run, slot, gen, stage: str, shard: Shard) -> None:
@@ -464,11 +479,11 @@ def run_shard(run: Run, slot, gen, stage: str, shard: Shard) -> None:
     directory = shard_dir(run.out, stage, shard)
     if (directory / MANIFEST).is_file() and read_manifest(directory).get("complete"):
         return
-    work, _, inputs = SHARDED_STAGES[stage]
+    work, _ = SHARDED_STAGES[stage]
     log(f"stage {stage}: shard {shard.name}")
-    writer = run.writer(stage, inputs, directory=directory)
+    writer = run.writer(stage, directory=directory)
     stats = work(run, gen, shard, writer)
-    writer.finalize(model=slot.provenance, memory=memory_snapshot(events_since=run.slot_events_mark),
+    writer.finalize(invariants=shard_results(writer.done), model=slot.provenance, memory=memory_snapshot(events_since=run.slot_events_mark),
                     extra={"shard": shard.to_json(), stage: stats})
 
 
@@ -485,8 +500,9 @@ def merge_shards(run: Run, slot, stage: str, count: int, *, wait: bool) -> None:
             if missing:
                 return f"shard(s) {', '.join(missing)} of {stage}"
             shards = [read_artifact(d) for d in dirs]
-            _, merge, inputs = SHARDED_STAGES[stage]
-            upstream = [input_entry(run.stage_dir(s))["manifest_sha256"] for s in inputs]
+            _, merge = SHARDED_STAGES[stage]
+            inputs = STAGE_INPUTS[stage]
+            upstream = [sha256_file(run.stage_dir(s) / MANIFEST) for s in inputs]
             for a in shards:
                 if a.manifest.get("config_hash") != run.cfg.hash():
                     raise ArtifactError(f"{a.dir}: written under another config (hash {str(a.manifest.get('config_hash'))[:12]})")
@@ -494,7 +510,7 @@ def merge_shards(run: Run, slot, stage: str, count: int, *, wait: bool) -> None:
                     raise ArtifactError(f"{a.dir}: made from another {', '.join(inputs)} artifact than {run.out}'s; "
                                         "remove the shard and run it again")
             log(f"stage {stage}: merging {count} shard(s)")
-            writer = run.writer(stage, inputs, extra_inputs=tuple(dirs))
+            writer = run.writer(stage, extra_inputs=tuple(dirs))
             results, extra = merge(run, slot, shards, writer)
             run.finish(stage, writer, results, model=slot.provenance, extra={**extra, "sharded": shard_summary(shards)})
             return None
@@ -617,16 +633,56 @@ def check_runnable(cfg: RunConfig, out: Path | None = None, *, resume: bool = Fa
         raise_on_failures(evaluate(offline_invariants(cfg.model), None))
 
 
+def discard_damaged(run: Run) -> list[str]:
+    """`--resume` repairs: verify every stage artifact already on disk as the harness does
+    (provenance, hashes, content); a stage that fails, or whose directory lost its manifest,
+    is moved to RUN/discarded/ together with every stage downstream of it, so all of them are
+    built again. An interrupted (incomplete) artifact is left for its writer to resume.
+    Returns the stages discarded."""
+    from cai.invariants.check import artifact_results
+
+    damaged: dict[str, str] = {}
+    for stage in STAGES:
+        directory = run.stage_dir(stage)
+        if not directory.exists():
+            continue
+        try:
+            manifest = read_manifest(directory)
+        except CaiError as err:
+            damaged[stage] = str(err).splitlines()[0]
+            continue
+        if not manifest.get("complete"):
+            continue
+        failed = [r for r in artifact_results(directory, config_hash=run.cfg.hash(), config=run.cfg) if r.blocking]
+        if failed:
+            damaged[stage] = f"{failed[0].name}: {failed[0].evidence}"
+    redo = [s for s in STAGES if any(s in downstream(d) for d in damaged)]
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    for stage in redo:
+        if run.stage_dir(stage).exists():
+            target = run.out / "discarded" / f"{stage}-{stamp}"
+            target.parent.mkdir(exist_ok=True)
+            run.stage_dir(stage).rename(target)
+            why = damaged.get(stage) or f"downstream of {', '.join(d for d in damaged if stage in downstream(d))}"
+            log(f"stage {stage}: fails verification ({why}); moved to {target}, redoing it")
+        run.index["stages"].pop(stage, None)
+    if redo:
+        run.save()
+    return redo
+
+
 def run_pipeline(cfg: RunConfig, out: Path, *, resume: bool = False) -> Path:
-    """Run every stage not yet complete; return the report path."""
+    """Run every stage not yet complete (after `--resume` discarded the damaged ones), then
+    evaluate: the exit status is always the verdict of a fresh verification."""
     from cai.invariants import evaluate, offline_invariants
 
     check_runnable(cfg)
     run = Run(cfg, out, resume=resume)
+    if resume:
+        discard_damaged(run)
     todo = [s for s in STAGES if not run.is_done(s)]
-    if not todo and (out / "reports" / "report.md").is_file():
-        log(f"{out}: every stage is already complete and the report exists; nothing to do")
-        return out / "reports" / "report.md"
+    if not todo:
+        log(f"{out}: every stage is complete; verifying and evaluating again")
     raise_on_failures(evaluate(offline_invariants(cfg.model), None))  # fail fast, before expensive work
     if todo:
         log(f"run {cfg.name} -> {out} (stages to run: {', '.join(todo)})")

@@ -71,8 +71,12 @@ def numbered_jsonl(path: str | Path, error: type[CaiError] = ArtifactError) -> l
     if not path.is_file():
         raise BadInputError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise error(f"{path}:{lineno}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -83,6 +87,25 @@ def numbered_jsonl(path: str | Path, error: type[CaiError] = ArtifactError) -> l
                 raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             rows.append((lineno, obj))
     return rows
+
+
+def read_json_object(path: str | Path, error: type[CaiError] = ArtifactError) -> dict[str, Any]:
+    """A JSON file that must hold one object (a manifest, run.json): unreadable bytes, invalid
+    JSON or another type raise `error` naming the file, in one line."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 (byte offset {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise error(f"{path}:{err.lineno}: invalid JSON ({err.msg}); the file may be truncated") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read ({err.strerror})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def git_commit() -> str | None:
@@ -102,12 +125,19 @@ def environment() -> dict[str, Any]:
             "libraries": library_versions(), "git_commit": git_commit()}
 
 
-def input_entry(artifact_dir: str | Path) -> dict[str, Any]:
-    """How a manifest names an input artifact: path, stage and the sha256 of its manifest
-    (which in turn holds the hashes of its data), so any later change is detectable."""
+def input_entry(artifact_dir: str | Path, consumer_dir: str | Path) -> dict[str, Any]:
+    """How the manifest of the artifact in `consumer_dir` names an input artifact: its path
+    relative to the consumer (so a moved or copied run checks its own files), its stage and
+    the sha256 of its manifest (which holds the hashes of its data): any later change shows."""
     artifact = read_artifact(artifact_dir)
-    return {"path": str(Path(artifact_dir).resolve()), "stage": artifact.manifest["stage"],
+    rel = os.path.relpath(Path(artifact_dir).resolve(), Path(consumer_dir).resolve())
+    return {"path": Path(rel).as_posix(), "stage": artifact.manifest["stage"],
             "manifest_sha256": sha256_file(Path(artifact_dir) / MANIFEST)}
+
+
+def input_dir(consumer_dir: str | Path, entry: dict[str, Any]) -> Path:
+    """The directory an input entry names, resolved against the artifact that lists it."""
+    return Path(os.path.normpath(Path(consumer_dir) / str(entry.get("path", ""))))
 
 
 class ArtifactWriter:
@@ -135,7 +165,7 @@ class ArtifactWriter:
         }
         self.done: list[dict] = []
         if manifest_path.exists():
-            self._reopen(json.loads(manifest_path.read_text()), config_hash)
+            self._reopen(read_json_object(manifest_path), config_hash)
         self._shard_index = len(self.manifest["outputs"]["files"])
         self._partial_count = 0
         self._fh = None
@@ -178,8 +208,8 @@ class ArtifactWriter:
                 if not raw.endswith(b"\n"):
                     break
                 try:
-                    kept.append(json.loads(raw))
-                except json.JSONDecodeError:
+                    kept.append(json.loads(raw.decode("utf-8")))
+                except ValueError:  # invalid JSON or not UTF-8: torn from here on
                     break
                 good_bytes += len(raw)
         with open(path, "r+b") as f:
@@ -233,18 +263,16 @@ class ArtifactWriter:
                  files: Iterable[Path] = ()) -> dict[str, Any]:
         """Seal the last shard and write the complete manifest. `files` are further outputs
         inside the artifact directory (adapter weights, plots) whose hashes it records.
-        `certified` is true only when no error-severity invariant failed."""
-        from cai.invariants.base import all_passed
-
+        `certified` is true only when invariants ran and no error-severity one failed."""
+        results = [r.to_json() if hasattr(r, "to_json") else dict(r) for r in invariants]
         self._seal_shard()
         for path in sorted(Path(f) for f in files):
             rel = path.resolve().relative_to(self.dir.resolve()).as_posix()
             self.manifest["outputs"]["files"][rel] = {"sha256": sha256_file(path), "records": 0,
                                                       "bytes": path.stat().st_size, "kind": "file"}
-        results = [r.to_json() if hasattr(r, "to_json") else dict(r) for r in invariants]
         self.manifest.update({
             "complete": True,
-            "certified": all_passed(results),
+            "certified": certifies(results),
             "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "timings": {"wall_seconds": round(time.time() - self.started, 3)},
             "memory": memory or {},
@@ -260,6 +288,14 @@ class ArtifactWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def certifies(results: list[dict[str, Any]]) -> bool:
+    """Invariant results certify an artifact when there are some and no error-severity one
+    failed: an artifact nothing checked is never certified."""
+    from cai.invariants.base import all_passed
+
+    return bool(results) and all_passed(results)
 
 
 @dataclass
@@ -317,8 +353,8 @@ def peek_records(directory: str | Path) -> list[dict]:
             continue
         for raw in data.split(b"\n")[:-1]:  # the piece after the last newline is torn or empty
             try:
-                records.append(json.loads(raw))
-            except json.JSONDecodeError:
+                records.append(json.loads(raw.decode("utf-8")))
+            except ValueError:  # invalid JSON or not UTF-8
                 break
     return records
 
@@ -328,10 +364,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     path = directory / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{directory}: no {MANIFEST} (not an artifact, or never started)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{path}: invalid JSON ({err.msg})") from None
+    manifest = read_json_object(path)
     if manifest.get("schema") != SCHEMA:
         raise ArtifactError(f"{path}: not a cai artifact manifest (schema {manifest.get('schema')!r})")
     return manifest
@@ -348,6 +381,8 @@ def read_artifact(directory: str | Path, *, require_certified: bool = True) -> A
     if problems:
         raise ArtifactError(problems[0])
     if require_certified and not manifest.get("certified"):
-        failed = [r["name"] for r in manifest.get("invariants", []) if r.get("status") == "fail"]
-        raise ArtifactError(f"{directory}: not certified (failed invariants: {', '.join(failed) or 'unknown'})")
+        recorded = manifest.get("invariants") if isinstance(manifest.get("invariants"), list) else []
+        failed = [str(r.get("name")) for r in recorded if isinstance(r, dict) and r.get("status") == "fail"]
+        why = f"failed invariants: {', '.join(failed)}" if failed else "no invariant results: nothing checked it"
+        raise ArtifactError(f"{directory}: not certified ({why})")
     return Artifact(directory, manifest)
