@@ -198,6 +198,7 @@ class Codebase:
         self.modules: dict[str, SourceFile] = {}
         self._by_suffix: dict[str, list[SourceFile]] = {}
         self._packages: set[str] = set()  # dotted runs that prefix some module (namespace packages)
+        self._attr_classes: dict[tuple, tuple | None] = {}
         for sf in self.files:
             self.modules.setdefault(sf.module, sf)
         for m, sf in self.modules.items():
@@ -330,6 +331,10 @@ class Codebase:
                 found = self.method(sf, cls, rest[0])
                 if found is not None:
                     return found
+            elif len(rest) == 2:  # self.loader.load(): a project class instance kept on self
+                held = self.attr_class(sf, cls, rest[0])
+                if held is not None:
+                    return self.method(held[1], held[2], rest[1])
             return None
         target = self._lookup(sf, head, 0)
         if target is None:
@@ -356,6 +361,22 @@ class Codebase:
             else:
                 return None
         return target
+
+    def attr_class(self, sf: SourceFile, cls: ast.ClassDef, attr: str) -> tuple | None:
+        """("class", file, ClassDef) when some method of cls sets `self.<attr> = C(...)` for one class C
+        of the audited code (a project wrapper held on the instance); None when unknown or ambiguous."""
+        key = (id(cls), attr)
+        if key not in self._attr_classes:
+            found: dict[int, tuple] = {}
+            for node in ast.walk(cls):
+                if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Call):
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    if any(dotted_parts(t) == ["self", attr] for t in targets):
+                        t = self.resolve(sf, node.value.func)
+                        if t is not None and t[0] == "class":
+                            found[id(t[2])] = t
+            self._attr_classes[key] = next(iter(found.values())) if len(found) == 1 else None
+        return self._attr_classes[key]
 
     def method(self, sf: SourceFile, cls: ast.ClassDef, name: str, depth: int = 0) -> tuple | None:
         for node in cls.body:

@@ -12,6 +12,11 @@ The model is deliberately small and stdlib-only:
   a freshly loaded model, one of its parameters) and which parameters it sanitises
   (`p.chat_template = None`). So a helper `load_tok()` that disables the template makes its
   callers safe, and `encode(tok, text)` passing add_special_tokens=False is never flagged.
+- Instances of project classes are followed too: `Loader(name).load()`, `loader = Loader(...);
+  loader.load()` and `self.loader.load()` (where some method sets `self.loader = Loader(...)`)
+  run the summary of `Loader.load`, so a wrapper returning `from_pretrained` results is a load.
+- `self.x` set to a tokenizer in another method (`__init__`, `setup`) is encoding when called,
+  `self.x(text)` or `self.x.encode(text)`; so is `self.tokenizer(...)` by name.
 - A tokenizer whose template is never disabled is reported once, at its load site (where the fix
   goes), when it is used (encoded, passed on, saved) before `chat_template = None`, stored on
   `self` by a class that never disables it, or returned to callers none of which disables it.
@@ -71,7 +76,7 @@ class TokOrigin:
 
 @dataclass(eq=False)
 class Val:
-    kind: str  # tok | model | pipe | vllm | param | messages
+    kind: str  # tok | model | pipe | vllm | param | messages | obj (an instance of a project class)
     site: tuple | None = None  # (rel, line, col) of the load
     label: str = ""
     disabled: bool = False
@@ -79,6 +84,7 @@ class Val:
     offloaded: bool = False
     name: str = ""  # parameter name
     origin: TokOrigin | None = None
+    cls: tuple | None = None  # ("class", file, ClassDef) of an obj
 
 
 @dataclass
@@ -190,8 +196,8 @@ class FlowAnalyzer:
 
     def attr_kind(self, sf: SourceFile, cls: ast.ClassDef, attr: str) -> str | None:
         """What `self.<attr>` is assigned anywhere in the class: "pipe", "vllm", "tok", "model"."""
-        if not ({"pipeline", "LLM"} & sf.names):
-            return None  # only pipelines and vLLM engines are looked up this way
+        if not ({"pipeline", "LLM", "from_pretrained"} & sf.names):
+            return None  # nothing in this file makes such a value
         if id(cls) not in self._attr_kinds:
             kinds = {"pipeline": "pipe", "vllm": "vllm", "tok-load": "tok", "model-load": "model"}
             found: dict[str, str] = {}
@@ -597,16 +603,24 @@ class Scope:
         kws = {kw.arg: self.ev(kw.value) for kw in node.keywords}
         argvals = [v for v in [*args, *kws.values()] if v is not None]
 
-        # self.x set in another method: only its kind matters here (pipeline / vLLM chat inputs)
+        # self.x set in another method: only its kind matters here (encoding, pipeline / vLLM chat inputs)
         if fval is None and self.cls is not None:
             if fk and fk.startswith("self.") and fk.count(".") == 1:
-                if self.A.attr_kind(self.sf, self.cls, fk[5:]) == "pipe":
+                held = self.A.attr_kind(self.sf, self.cls, fk[5:])
+                if held == "pipe":
                     self.check_messages(node, args, "a text-generation pipeline")
                     return None
+                if held == "tok" or (held is None and self.tokish(None, fk)):
+                    self.encode(node, fk)  # self.tokenizer(text): __call__ encodes
+                    return None
             recv_key = key_of(f.value) if meth is not None else None
-            if recv_key and recv_key.startswith("self.") and recv_key.count(".") == 1 and meth == "chat":
-                if self.A.attr_kind(self.sf, self.cls, recv_key[5:]) == "vllm":
+            if recv_key and recv_key.startswith("self.") and recv_key.count(".") == 1:
+                held = self.A.attr_kind(self.sf, self.cls, recv_key[5:])
+                if meth == "chat" and held == "vllm":
                     return self.method_on(Val("vllm", owns=False), meth, node, f, kws)
+                if meth in ENCODE_METHODS and held == "tok":
+                    self.encode(node, f"{recv_key}.{meth}")
+                    return None
 
         # calling a tracked value: tok(text), pipe(prompt)
         if isinstance(fval, Val):
@@ -633,6 +647,10 @@ class Scope:
                     self.cont[ck].pop()
                     return None
 
+        # methods of a project class instance: Loader(name).load(), loader.load()
+        if meth is not None and isinstance(recv, Val) and recv.kind == "obj":
+            m = self.A.cb.method(recv.cls[1], recv.cls[2], meth)
+            return self.local_call(node, m, args, kws) if m is not None else None
         # methods on tracked values
         if meth is not None and isinstance(recv, Val) and (recv.kind != "param" or self.tokish(recv, None)):
             return self.method_on(recv, meth, node, f, kws)
@@ -654,7 +672,7 @@ class Scope:
         if target is not None and target[0] == "class":
             for v in argvals:
                 self.use(v, node, "passed to " + target[2].name)
-            return None
+            return Val("obj", label=target[2].name, owns=False, cls=target)
         qual = target[1] if target is not None and target[0] == "ext" else None
         kind = ext_kind(qual) if qual else None
         last = (qual or fk or "").split(".")[-1]
@@ -755,7 +773,7 @@ class Scope:
             if k is not None:
                 argmap[k] = v
         disables = s.disables if s else frozenset()
-        if s is not None and isinstance(node.func, ast.Attribute) and (dotted_parts(node.func) or [""])[0] == "self":
+        if s is not None and isinstance(node.func, ast.Attribute) and len(dotted_parts(node.func) or []) == 2 and dotted_parts(node.func)[0] == "self":
             for k in s.attr_disables:  # self._setup() disabling self.tokenizer's template
                 self.disable(k)
         for p, v in argmap.items():
@@ -771,7 +789,7 @@ class Scope:
                 self.use(v, node, f"passed to {fn.name}()")
         if s is None or s.returns is None:
             return None
-        return self.from_spec(s.returns, node, fn.name, argmap)
+        return self.from_spec(s.returns, node, f"{tcls.name}.{fn.name}" if tcls is not None else fn.name, argmap)
 
     def from_spec(self, spec, node, fname, argmap):
         if isinstance(spec, tuple) and spec and not isinstance(spec[0], str):

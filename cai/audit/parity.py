@@ -9,7 +9,11 @@
    text-generation pipelines. The prompt they get is traced backwards through assignments,
    loop variables, comprehensions, tokenizer calls (`tok(x, return_tensors="pt")`, `**inputs`,
    `.input_ids`, `.to(device)`) and calls into the audited code (return values, with
-   parameters bound to the caller's arguments).
+   parameters bound to the caller's arguments). A name takes only the assignments that reach the
+   use (`inputs = tok(p); inputs = inputs.to(dev)` is two steps, not a cycle). A call of a project
+   `*generate*` function or method that itself generates (`self.gen.generate(self.model, self.tok,
+   instruction)`) is a site: the wrapper's own generation calls are traced with its parameters
+   bound to this call's arguments, wherever the prompt sits among them.
 3. A finding is made when the prompt is the *raw instruction* (a variable, parameter, attribute
    or record field named instruction/question/query) while a training template exists; or, in
    evaluation code (path or function named eval/bench/score/judge/infer/predict/compare), when
@@ -78,6 +82,7 @@ def _show(text: str) -> str:
 @dataclass
 class Facts:
     assigns: dict[str, list] = field(default_factory=dict)
+    anchors: dict[str, list] = field(default_factory=dict)  # per assignment: the node that makes it (position)
     iters: dict[str, ast.expr] = field(default_factory=dict)
     params: set[str] = field(default_factory=set)
 
@@ -88,6 +93,10 @@ def scope_facts(body, fn=None) -> Facts:
         a = fn.args
         facts.params = {p.arg for p in [*a.posonlyargs, *a.args, *a.kwonlyargs]}
 
+    def add(k, value, anchor):
+        facts.assigns.setdefault(k, []).append(value)
+        facts.anchors.setdefault(k, []).append(anchor)
+
     def visit(stmts):
         for s in stmts:
             if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -96,17 +105,17 @@ def scope_facts(body, fn=None) -> Facts:
                 for t in s.targets:
                     k = key_of(t)
                     if k:
-                        facts.assigns.setdefault(k, []).append(s.value)
+                        add(k, s.value, s)
             elif isinstance(s, ast.AnnAssign) and s.value is not None:
                 k = key_of(s.target)
                 if k:
-                    facts.assigns.setdefault(k, []).append(s.value)
+                    add(k, s.value, s)
             elif isinstance(s, (ast.For, ast.AsyncFor)) and isinstance(s.target, ast.Name):
                 facts.iters[s.target.id] = s.iter
             elif isinstance(s, (ast.With, ast.AsyncWith)):
                 for item in s.items:
                     if isinstance(item.optional_vars, ast.Name):
-                        facts.assigns.setdefault(item.optional_vars.id, []).append(item.context_expr)
+                        add(item.optional_vars.id, item.context_expr, item.context_expr)
             for name in ("body", "orelse", "finalbody"):
                 sub = getattr(s, name, None)
                 if isinstance(sub, list):
@@ -118,6 +127,47 @@ def scope_facts(body, fn=None) -> Facts:
 
     visit(body)
     return facts
+
+
+def _blocks(sf: SourceFile, node: ast.AST) -> tuple:
+    """The statement lists enclosing node inside its function, outermost first, as
+    (id(compound statement), field) pairs: an assignment whose chain is a prefix of a use's chain
+    runs on every path to that use."""
+    parents = sf.parents
+    chain = []
+    child, cur = node, parents.get(id(node))
+    while cur is not None and not isinstance(cur, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module, ast.Lambda)):
+        for name in ("body", "orelse", "finalbody", "handlers", "cases"):
+            sub = getattr(cur, name, None)
+            if isinstance(sub, list) and any(x is child for x in sub):
+                chain.append((id(cur), name))
+                break
+        child, cur = cur, parents.get(id(cur))
+    return tuple(reversed(chain))
+
+
+def reaching(sf: SourceFile, facts: Facts, name: str, use: ast.AST) -> list:
+    """The assigned values of `name` that can reach `use`: the last assignment before it that runs on
+    every path to it, plus the conditional ones after that. So `inputs = tok(p); inputs = inputs.to(d)`
+    traces through both steps instead of looping. Without any earlier assignment (a loop-carried value),
+    every assignment of the scope."""
+    values, anchors = facts.assigns.get(name, []), facts.anchors.get(name, [])
+    pos = (getattr(use, "lineno", 0), getattr(use, "col_offset", 0))
+    before = [
+        (v, a) for v, a in zip(values, anchors)
+        if (getattr(a, "end_lineno", 0) or 0, getattr(a, "end_col_offset", 0) or 0) <= pos
+    ]
+    if not before:
+        return list(values)
+    chain = _blocks(sf, use)
+    out: list = []
+    for v, a in before:
+        mine = _blocks(sf, a)
+        if chain[: len(mine)] == mine:
+            out = [v]  # runs on every path to the use: kills what came before it
+        else:
+            out.append(v)
+    return out
 
 
 @dataclass
@@ -147,7 +197,7 @@ class ParityAnalyzer:
             return []
         findings: dict[tuple, Finding] = {}
         for sf in self.cb.parsed:
-            if sf.is_test or not ({"generate", "pipeline"} & sf.names):
+            if sf.is_test or not ("pipeline" in sf.names or any("generate" in n for n in sf.names)):
                 continue  # no generation call in this file
             scopes = [(sf.tree.body, None, None)] + [(fn.body, fn, cls) for fn, cls in self.cb.functions(sf)]
             for body, fn, cls in scopes:
@@ -193,9 +243,12 @@ class ParityAnalyzer:
                     inner.add(id(sub))
 
     # ------------------------------------------------------------------ sites
-    def _generation_sites(self, body, ctx: Ctx):
+    def _generation_sites(self, body, ctx: Ctx, depth: int = 0):
         """(call, prompt expression, description, ctx) for each generation call of the scope;
-        comprehension variables are bound to their iterables."""
+        comprehension variables are bound to their iterables. A call of a project wrapper method
+        (`self.gen.generate(self.model, self.tok, instruction)`) is a site for each generation call
+        inside the wrapper, its prompt traced there with the wrapper's parameters bound to this
+        call's arguments, so a prompt that is not the first argument is still found."""
 
         def visit(node, c: Ctx):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
@@ -211,9 +264,14 @@ class ParityAnalyzer:
                         yield from visit(child, inner)
                 return
             if isinstance(node, ast.Call):
-                site = self._site(node, c)
-                if site is not None:
-                    yield (*site, c)
+                wrapper = self._wrapper(node, c) if depth < 3 else None
+                if wrapper is not None:
+                    for _, prompt, _, inner in self._generation_sites(wrapper[1].body, wrapper[2], depth + 1):
+                        yield (node, prompt, wrapper[0], inner)
+                else:
+                    site = self._site(node, c)
+                    if site is not None:
+                        yield (*site, c)
             for child in ast.iter_child_nodes(node):
                 yield from visit(child, c)
 
@@ -237,6 +295,33 @@ class ParityAnalyzer:
             prompt = self._prompt_arg(node, ("text_inputs", "inputs"))
             return (node, prompt, f"the pipeline `{k}(...)`") if prompt is not None else None
         return None
+
+    def _wrapper(self, node: ast.Call, ctx: Ctx):
+        """(description, FunctionDef, Ctx with its parameters bound to the arguments) when node calls
+        a `generate` function or method of the audited code that itself generates."""
+        f = node.func
+        name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+        if name is None or "generate" not in name:
+            return None
+        target = self.cb.resolve(ctx.sf, f, ctx.cls) if dotted_parts(f) else None
+        if target is None and isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name):
+            for rhs in ctx.facts.assigns.get(f.value.id, []):  # gen = Generator(...); gen.generate(...)
+                held = self.cb.resolve(ctx.sf, rhs.func, ctx.cls) if isinstance(rhs, ast.Call) else None
+                if held is not None and held[0] == "class":
+                    target = self.cb.method(held[1], held[2], f.attr)
+        if target is None or target[0] != "func":
+            return None
+        _, tsf, fn, tcls = target
+        if not any(isinstance(n, ast.Attribute) and n.attr in ("generate", "pipeline") for n in ast.walk(fn)) and not any(
+            isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "pipeline" for n in ast.walk(fn)
+        ):
+            return None
+        params = [p.arg for p in [*fn.args.posonlyargs, *fn.args.args]]
+        if tcls is not None and params and params[0] in ("self", "cls"):
+            params = params[1:]
+        bindings = {p: (arg, ctx) for p, arg in zip(params, node.args) if not isinstance(arg, ast.Starred)}
+        bindings.update({kw.arg: (kw.value, ctx) for kw in node.keywords if kw.arg is not None})
+        return (f"`{key_of(f) or name}(...)`", fn, Ctx(tsf, self.facts(fn.body, fn), tcls, bindings))
 
     @staticmethod
     def _prompt_arg(node: ast.Call, names) -> ast.expr | None:
@@ -299,7 +384,7 @@ class ParityAnalyzer:
                     return fmts[0]
             return None
         if isinstance(e, ast.Name):
-            return self._name(e.id, ctx, r)
+            return self._name(e, ctx, r)
         if isinstance(e, ast.Attribute):
             if e.attr in PASS_THROUGH_METHODS:
                 return r(e.value)
@@ -336,12 +421,13 @@ class ParityAnalyzer:
             return self._combine([r(e.body), r(e.orelse)])
         return None
 
-    def _name(self, name: str, ctx: Ctx, r):
+    def _name(self, e: ast.Name, ctx: Ctx, r):
+        name = e.id
         if name in ctx.bindings:
             expr, c = ctx.bindings[name]
             return r(expr, c)
         if name in ctx.facts.assigns:
-            return self._combine([r(x) for x in ctx.facts.assigns[name]])
+            return self._combine([r(x) for x in reaching(ctx.sf, ctx.facts, name, e)])
         if name in ctx.facts.iters:
             return r(ctx.facts.iters[name])
         if name not in ctx.facts.params and name in ctx.sf.consts:
