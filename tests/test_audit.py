@@ -176,6 +176,65 @@ def test_unsafe_loader_without_callers_and_module_level_tokenizer(tmp_path):
     }
 
 
+# ---------------------------------------------------------------------- recall patterns (#16)
+def test_project_loader_class_is_a_load_kept_on_self_and_in_dicts():
+    """`ModelLoader(name).load()`, `self.loader.load()` and `loader.load()` return from_pretrained
+    results: three loads in one method with nothing released are two findings, named by the wrapper."""
+    result = audit([str(FIX / "memory_sequencing" / "bad" / "judge_compare.py")])
+    assert got(result) == {
+        ("model-load-while-resident", "judge_compare.py", 36),
+        ("model-load-while-resident", "judge_compare.py", 39),
+    }
+    assert all("ModelLoader.load()" in f.message for f in result.findings)
+    assert "self.base" in result.findings[0].message
+    assert audit([str(FIX / "memory_sequencing" / "good" / "judge_compare.py")]).findings == []
+
+
+def test_tokenizer_attribute_set_in_another_method_is_encoding():
+    result = audit([str(FIX / "special_tokens" / "bad" / "scorer.py")])
+    assert got(result) == {
+        ("special-tokens-default", "scorer.py", 20),  # self.tokenizer(...) set in __init__
+        ("special-tokens-default", "scorer.py", 25),  # self.enc(...) set in setup()
+        ("special-tokens-default", "scorer.py", 26),  # self.enc.encode(...)
+    }
+    assert audit([str(FIX / "special_tokens" / "good" / "scorer.py")]).findings == []
+
+
+def test_prompt_traced_through_reassignment_and_wrapper_arguments():
+    result = audit([str(FIX / "format_parity" / "bad")])
+    wrapper = {f.line: f for f in result.findings if f.path == "eval_wrapper.py"}
+    assert set(wrapper) == {29, 36}
+    assert "`self.loader.generate(...)`" in wrapper[29].message and "the `instruction` field" in wrapper[29].message
+    assert "(`instruction`)" in wrapper[36].message  # inputs = tok(instruction); inputs = inputs.to(device)
+
+
+def test_conditional_reformat_leaves_the_prompt_undecided(tmp_path):
+    """Only a definite mismatch is reported: a reassignment on one branch keeps both values reaching."""
+    write(tmp_path, {
+        "data.py": "def build(x):\n    return {'prompt': f'Instruction: {x}\\nResponse:'}\n",
+        "evaluate.py": """
+            from data import build
+
+            def run(model, tok, instruction, formatted):
+                prompt = instruction
+                if formatted:
+                    prompt = build(instruction)["prompt"]
+                inputs = tok(prompt, return_tensors="pt", add_special_tokens=False)
+                inputs = inputs.to("cuda")
+                return model.generate(**inputs)
+
+            def run_raw(model, tok, instruction):
+                prompt = build(instruction)["prompt"]
+                prompt = instruction
+                return model.generate(**tok(prompt, return_tensors="pt", add_special_tokens=False))
+
+            if __name__ == "__main__":
+                run(None, None, "x", True)
+        """,
+    })
+    assert got(audit([str(tmp_path)])) == {("eval-format-mismatch", "evaluate.py", 15)}
+
+
 def test_several_paths_are_one_codebase(tmp_path):
     write(tmp_path, {
         "a/train.py": "from peft import LoraConfig\nif __name__ == '__main__':\n    LoraConfig(r=8)\n",
