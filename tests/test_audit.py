@@ -235,6 +235,22 @@ def test_conditional_reformat_leaves_the_prompt_undecided(tmp_path):
     assert got(audit([str(tmp_path)])) == {("eval-format-mismatch", "evaluate.py", 15)}
 
 
+def test_values_resolved_through_defaults_name_their_source():
+    """The wrapper's `load_in_4bit=True` default wins over the caller's `load_in_8bit=True`; the call
+    counts as 4-bit for drift, so the 8-bit literal elsewhere is the odd one out."""
+    result = audit([str(FIX / "config_drift" / "bad")])
+    (override,) = [f for f in result.findings if f.rule == "quantization-default-override"]
+    assert (override.path, override.line) == ("eval_judge.py", 6)
+    assert "`load_in_4bit=True` (loaders.py:6)" in override.message and "gets 4-bit, not the 8-bit" in override.message
+    (drift,) = [f for f in result.findings if f.rule == "quantization-drift"]
+    assert drift.path == "train_dpo.py" and "4-bit at eval_judge.py:6" in drift.message
+    remote = {f.line: f.message for f in audit([str(FIX / "remote_code" / "bad" / "wrapper.py")]).findings}
+    assert set(remote) == {17, 24}
+    assert "default `trust_remote_code=True` of HFLoader.__init__() (wrapper.py:6)" in remote[17]
+    assert "1 call(s) leave in place (wrapper.py:28)" in remote[17]
+    assert "nothing in the audited code calls it" in remote[24]
+
+
 def test_several_paths_are_one_codebase(tmp_path):
     write(tmp_path, {
         "a/train.py": "from peft import LoraConfig\nif __name__ == '__main__':\n    LoraConfig(r=8)\n",
@@ -297,7 +313,7 @@ def test_sarif_shape():
     assert [r["id"] for r in rules] == list(RULES)
     for r in rules:
         assert r["shortDescription"]["text"] and r["defaultConfiguration"]["level"] in ("error", "warning")
-    assert len(run["results"]) == len(result.findings) == 3
+    assert len(run["results"]) == len(result.findings) == len(expected(FIX / "config_drift" / "bad"))
     for res, f in zip(run["results"], result.findings):
         assert res["ruleId"] == f.rule and rules[res["ruleIndex"]]["id"] == f.rule
         assert res["level"] == "warning" and res["message"]["text"] == f.message
@@ -330,7 +346,7 @@ def test_cli_exit_code_0_on_all_good_fixtures_audited_together():
 def test_cli_formats_and_bad_input():
     proc = run_cli(str(FIX / "remote_code" / "bad"), "--format", "sarif")
     assert proc.returncode == 1
-    assert len(json.loads(proc.stdout)["runs"][0]["results"]) == 4
+    assert len(json.loads(proc.stdout)["runs"][0]["results"]) == len(expected(FIX / "remote_code" / "bad"))
     proc = run_cli("/nonexistent/path/for/cai/audit")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "no such file or directory" in proc.stderr

@@ -22,6 +22,8 @@ marks something that is often a defect but has legitimate uses, so a person must
 - remote-code (error): `trust_remote_code=True` executes code shipped with a checkpoint.
 - config-drift (warning): two scripts choosing different LoRA ranks or quantization may be
   deliberate (an ablation); the finding asks for one shared, named source.
+  quantization-default-override (a caller's flag left next to a wrapper default that turns the
+  other flag on) is in this category: the effective quantization is not what the caller reads.
 - audit/parse-error (warning): the file was skipped; the rest of the audit is still valid.
 """
 
@@ -132,6 +134,14 @@ RULES: dict[str, Rule] = {
             "warning",
             "Quantization chosen differently across scripts",
             "Choose the quantization once (run config or a shared constants module) and read it everywhere.",
+        ),
+        Rule(
+            "quantization-default-override",
+            "config-drift",
+            "warning",
+            "Caller's quantization flag combined with a wrapper default that turns the other one on",
+            "Give the wrapper one quantization parameter (None | '4bit' | '8bit') instead of two flags, or "
+            "pass the other flag as False at the call.",
         ),
         Rule(
             "lora-rank-drift",

@@ -1,6 +1,8 @@
 """The syntactic rules: remote-code, config-drift, unused-implementation.
 
-- remote-code: `trust_remote_code=True` as a call keyword or a dict entry (kwargs dicts).
+- remote-code: `trust_remote_code=True` as a call keyword or a dict entry (kwargs dicts); and
+  `trust_remote_code=<parameter>` / `=self.x` (set from an `__init__` parameter) whose default is
+  True where a call of the function leaves the default or nothing calls it (`cai.audit.defaults`).
 - config-drift: literal settings collected outside tests: quantization (`load_in_4bit=True` /
   `load_in_8bit=True`, in BitsAndBytesConfig, from_pretrained or kwargs dicts), LoRA rank
   (`LoraConfig(r=...)`), DPO beta (`DPOConfig(beta=...)`, `DPOTrainer(beta=...)`). When one
@@ -9,7 +11,11 @@
   object or constants module are a shared source and never reported, and neither are literals in
   a branch chosen at run time (`if cfg.quantization == "8bit": ... else: ...`): one arm of a
   configured choice. Tests are exempt: tiny
-  test configurations differ from production on purpose.
+  test configurations differ from production on purpose. A call of a project wrapper taking
+  `load_in_4bit` / `load_in_8bit` parameters counts with its effective quantization (the caller's
+  flags over the wrapper's defaults; with both on, the flag the wrapper tests first), and
+  quantization-default-override reports a call whose flag is combined with a default that turns
+  the other one on (the caller asks for 8-bit and gets 4-bit).
 - unused-implementation: a module defining public (non-underscore) functions or classes that no
   other module imports (absolute, relative, `from pkg import mod`, suffix-matched for scripts
   run from their own directory), that no string names (importlib / entry points: dotted name,
@@ -28,6 +34,7 @@ import re
 from collections import Counter
 
 from cai.audit.codebase import Codebase, SourceFile, dotted_parts
+from cai.audit.defaults import Defaults, Param, params_of
 from cai.audit.findings import Finding
 from cai.audit.flow import is_const
 
@@ -53,7 +60,53 @@ def remote_code(cb: Codebase) -> list[Finding]:
                 for k, v in zip(node.keys, node.values):
                     if isinstance(k, ast.Constant) and k.value == "trust_remote_code" and is_const(v, True):
                         out.append(Finding("trust-remote-code", sf.rel, k.lineno, msg, k.col_offset + 1))
+    out += _remote_code_by_default(cb, msg)
     return out
+
+
+def _remote_code_by_default(cb: Codebase, msg: str) -> list[Finding]:
+    """`trust_remote_code=<parameter>` (or `=self.x` set from an `__init__` parameter) whose default
+    is True, where some call of the function leaves the default or nothing calls it."""
+    d = Defaults(cb)
+    out = []
+    for sf in cb.parsed:
+        if "trust_remote_code" not in sf.names:
+            continue
+        for fn, cls in cb.functions(sf):
+            for node in ast.walk(fn):
+                if not isinstance(node, ast.Call):
+                    continue
+                for kw in node.keywords:
+                    if kw.arg != "trust_remote_code" or isinstance(kw.value, ast.Constant):
+                        continue
+                    p = d.param(sf, fn, cls, kw.value)
+                    if p is None or not is_const(p.default, True):
+                        continue
+                    relying = d.relying_on_default(p)
+                    if relying is not None and not relying:
+                        continue  # every caller passes its own value
+                    where = (
+                        "and nothing in the audited code calls it, so the default is what runs"
+                        if relying is None
+                        else f"which {len(relying)} call(s) leave in place ({_at(relying)})"
+                    )
+                    out.append(
+                        Finding(
+                            "trust-remote-code",
+                            sf.rel,
+                            kw.lineno,
+                            f"trust_remote_code is effectively True here: `{ast.unparse(kw.value)}` comes from the "
+                            f"default `{p.name}=True` of {p.owner}() ({p.sf.rel}:{p.default.lineno}), {where}. "
+                            + msg,
+                            kw.col_offset + 1,
+                        )
+                    )
+    return out
+
+
+def _at(calls) -> str:
+    shown = ", ".join(f"{sf.rel}:{c.lineno}" for sf, c in calls[:3])
+    return shown + (f" and {len(calls) - 3} more" if len(calls) > 3 else "")
 
 
 # ---------------------------------------------------------------------- config-drift
@@ -109,6 +162,21 @@ def config_drift(cb: Codebase) -> list[Finding]:
                     if isinstance(k, ast.Constant) and k.value in ("load_in_4bit", "load_in_8bit") and is_const(v, True):
                         sites["quantization-drift"].append((sf, k, "4-bit" if "4" in k.value else "8-bit"))
     out = []
+    # a call of a project wrapper counts with its effective quantization (caller flags over defaults)
+    literal = {id(node) for _, node, _ in sites["quantization-drift"]}
+    wrapped: list[tuple[SourceFile, ast.AST, str]] = []
+    for sf, call, fn, cls, flags, passed in _quant_wrapper_calls(cb):
+        literal -= {id(kw) for kw in call.keywords}
+        asked = [f for f in flags if is_const(passed[f], True)]
+        on_by_default = [f for f, p in flags.items() if passed[f] is None and is_const(p.default, True)]
+        on = asked + on_by_default
+        if asked and on_by_default:
+            out.append(_default_override(sf, call, fn, cls, flags, asked, on_by_default))
+            first = _first_checked(cls if cls is not None else fn, flags)
+            on = [first[0]] if first is not None else on
+        if len(on) == 1:
+            wrapped.append((sf, call, BITS[on[0]]))
+    sites["quantization-drift"] = [s for s in sites["quantization-drift"] if id(s[1]) in literal] + wrapped
     for rule, found in sites.items():
         found = [s for s in found if not _conditional(s[0], s[1])]
         if len({v for _, _, v in found}) < 2:
@@ -138,6 +206,68 @@ def config_drift(cb: Codebase) -> list[Finding]:
                 )
             )
     return out
+
+
+BITS = {"load_in_4bit": "4-bit", "load_in_8bit": "8-bit"}
+
+
+def _quant_wrapper_calls(cb: Codebase):
+    """(file, call, function, class, {flag: Param}, {flag: passed}) for every call, outside tests,
+    of a function or class of the audited code taking load_in_4bit / load_in_8bit parameters."""
+    d = Defaults(cb)
+    for wsf in cb.parsed:
+        if not (set(BITS) & wsf.names):
+            continue
+        for fn, cls in cb.functions(wsf):
+            _, defaults = params_of(fn, cls is not None)
+            names = {p.arg for p in [*fn.args.posonlyargs, *fn.args.args, *fn.args.kwonlyargs]}
+            flags = {f: Param(wsf, fn, cls, f, defaults.get(f)) for f in BITS if f in names}
+            if not flags:
+                continue
+            for sf, call in d.calls(fn):
+                passed = {f: d.passed(call, p) for f, p in flags.items()}
+                if not sf.is_test and all(v is not ... for v in passed.values()):
+                    yield sf, call, fn, cls, flags, passed
+
+
+def _first_checked(scope: ast.AST, flags) -> tuple[str, int] | None:
+    """The flag the wrapper tests first (`if self.load_in_4bit: ... elif ...`), with its line: with
+    both on, that branch is the one taken."""
+    tests = sorted(
+        (n.test for n in ast.walk(scope) if isinstance(n, (ast.If, ast.IfExp))), key=lambda t: (t.lineno, t.col_offset)
+    )
+    for t in tests:
+        seen = {n.id for n in ast.walk(t) if isinstance(n, ast.Name)} | {
+            n.attr for n in ast.walk(t) if isinstance(n, ast.Attribute)
+        }
+        hit = [f for f in flags if f in seen]
+        if len(hit) == 1:
+            return hit[0], t.lineno
+        if hit:
+            return None
+    return None
+
+
+def _default_override(sf, call, fn, cls, flags, asked, on_by_default) -> Finding:
+    owner = f"{cls.name}" if cls is not None and fn.name == "__init__" else flags[asked[0]].owner
+    defaults = ", ".join(f"`{f}=True` ({flags[f].sf.rel}:{flags[f].default.lineno})" for f in on_by_default)
+    first = _first_checked(cls if cls is not None else fn, flags)
+    if first is not None:
+        effect = (
+            f"{owner} tests `{first[0]}` first ({flags[first[0]].sf.rel}:{first[1]}), so this call gets "
+            f"{BITS[first[0]]}" + ("" if first[0] in asked else f", not the {BITS[asked[0]]} it asks for")
+        )
+    else:
+        effect = "both flags are on, so what loads depends on the wrapper's internals (transformers refuses both at once)"
+    return Finding(
+        "quantization-default-override",
+        sf.rel,
+        call.lineno,
+        f"this call asks {owner}() for {BITS[asked[0]]} (`{asked[0]}=True`) but leaves its default {defaults} "
+        f"on: {effect}. The effective quantization is not what the caller reads. Fix: give the wrapper one "
+        "`quantization` parameter (None | '4bit' | '8bit'), or pass the other flag explicitly as False.",
+        call.col_offset + 1,
+    )
 
 
 # ---------------------------------------------------------------------- unused-implementation
