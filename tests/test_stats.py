@@ -1,4 +1,4 @@
-"""Paired bootstrap CI and exact McNemar (cai.pipeline.stats)."""
+"""Bootstrap CIs (item and cluster), exact McNemar and Holm (cai.pipeline.stats)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cai.errors import BadInputError
-from cai.pipeline.stats import mcnemar_exact, paired_bootstrap_ci
+from cai.pipeline.stats import bootstrap_mean_ci, holm, mcnemar_exact, paired_bootstrap_ci
 
 bits = st.integers(0, 1)
 
@@ -78,6 +78,95 @@ def test_bootstrap_rejects_bad_input():
         paired_bootstrap_ci([], [])
     with pytest.raises(BadInputError):
         paired_bootstrap_ci([1], [0], alpha=1.5)
+
+
+# ---------------------------------------------------------------- clusters
+
+
+@settings(max_examples=60, deadline=None)
+@given(paired_bits(max_size=40), st.integers(0, 2**32 - 1))
+def test_one_item_per_cluster_is_the_item_bootstrap(pair, seed):
+    a, b = pair
+    labels = [f"c{i}" for i in range(len(a))]
+    assert paired_bootstrap_ci(a, b, n_resamples=300, seed=seed, clusters=labels) == \
+        paired_bootstrap_ci(a, b, n_resamples=300, seed=seed)
+    assert bootstrap_mean_ci(a, n_resamples=300, seed=seed, clusters=labels) == \
+        bootstrap_mean_ci(a, n_resamples=300, seed=seed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(paired_bits(max_size=30), st.integers(2, 6), st.integers(0, 2**32 - 1))
+def test_duplicated_clusters_carry_no_more_evidence_than_one_copy(pair, k, seed):
+    """k copies of every item, labelled as one cluster, resample exactly like the original
+    items: duplicates are not new evidence. Treated as i.i.d. they would be."""
+    a, b = pair
+    dup_a = [x for x in a for _ in range(k)]
+    dup_b = [x for x in b for _ in range(k)]
+    labels = [i for i in range(len(a)) for _ in range(k)]
+    clustered = paired_bootstrap_ci(dup_a, dup_b, n_resamples=300, seed=seed, clusters=labels)
+    original = paired_bootstrap_ci(a, b, n_resamples=300, seed=seed)
+    assert clustered == pytest.approx(original, abs=1e-12)
+
+
+def test_cluster_bootstrap_widens_the_ci_on_a_templated_fixture():
+    """Ten templates of eight near-identical items each: whole templates pass or fail
+    together, so the i.i.d. bootstrap is far too sure of itself."""
+    template_outcome = [1, 1, 1, 0, 1, 0, 1, 1, 0, 1]
+    a = [v for v in template_outcome for _ in range(8)]
+    b = [0] * len(a)
+    labels = [t for t in range(10) for _ in range(8)]
+    diff, lo, hi = paired_bootstrap_ci(a, b, n_resamples=4000, seed=1)
+    cdiff, clo, chi = paired_bootstrap_ci(a, b, n_resamples=4000, seed=1, clusters=labels)
+    assert diff == cdiff == pytest.approx(0.7)
+    assert chi - clo > 2 * (hi - lo)
+    assert clo <= cdiff <= chi
+    mean, mlo, mhi = bootstrap_mean_ci(a, n_resamples=4000, seed=1, clusters=labels)
+    assert mean == pytest.approx(0.7) and mhi - mlo == pytest.approx(chi - clo)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(bits, st.integers(0, 5)), min_size=1, max_size=50), st.integers(0, 1000))
+def test_cluster_ci_contains_the_mean_and_is_bounded(rows, seed):
+    values, labels = [v for v, _ in rows], [c for _, c in rows]
+    mean, lo, hi = bootstrap_mean_ci(values, n_resamples=300, seed=seed, clusters=labels)
+    assert mean == pytest.approx(sum(values) / len(values))
+    assert 0.0 <= lo <= hi <= 1.0
+    if len(set(labels)) == 1:  # one cluster: every resample is the whole set
+        assert lo == hi == pytest.approx(mean)
+
+
+def test_cluster_labels_must_match_the_scores():
+    with pytest.raises(BadInputError):
+        paired_bootstrap_ci([1, 0], [0, 0], clusters=["x"])
+    with pytest.raises(BadInputError):
+        bootstrap_mean_ci([])
+
+
+# ---------------------------------------------------------------- Holm
+
+
+def test_holm_hand_computed():
+    # m = 4, sorted p = .01 .02 .03 .04 -> .04 .06 .06 .06 (monotone), back in input order.
+    assert holm([0.03, 0.01, 0.04, 0.02]) == pytest.approx([0.06, 0.04, 0.06, 0.06])
+    # capped at 1, and a large first p dominates the rest
+    assert holm([0.5, 0.4, 0.001]) == pytest.approx([0.8, 0.8, 0.003])
+    assert holm([0.9, 0.8]) == pytest.approx([1.0, 1.0])
+    assert holm([0.2]) == [0.2] and holm([]) == []
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=20))
+def test_holm_properties(p):
+    adj = holm(p)
+    assert all(a >= x - 1e-15 for a, x in zip(adj, p))  # never smaller than the raw p
+    assert all(a <= min(1.0, len(p) * x) + 1e-12 for a, x in zip(adj, p))  # never above Bonferroni
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    assert all(adj[order[i]] <= adj[order[i + 1]] for i in range(len(p) - 1))  # monotone in p
+
+
+def test_holm_rejects_non_probabilities():
+    with pytest.raises(BadInputError):
+        holm([0.1, 1.5])
 
 
 # ---------------------------------------------------------------- McNemar

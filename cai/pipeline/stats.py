@@ -1,22 +1,38 @@
 """Paired statistics for comparing two systems scored on the same items.
 
 Base vs SFT vs DPO are evaluated on the *same* prompts, so the right tests are paired:
-a bootstrap over items for a confidence interval on the difference in mean score, and
-McNemar's exact test on the discordant items for 0/1 scores. Both are small and
-deterministic (the bootstrap takes a seed), so a report can be rebuilt exactly.
+a bootstrap for a confidence interval on the difference in mean score, and McNemar's
+exact test on the discordant items for 0/1 scores. Templated eval sets make items
+within a template correlated, so the bootstrap resamples *clusters* (all items of a
+template together) when cluster labels are given; with one item per cluster it is the
+ordinary item bootstrap, draw for draw. Several comparisons in one report are corrected
+together with Holm's step-down method. Everything is deterministic (the bootstrap takes
+a seed), so a report can be rebuilt exactly.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
+from scipy.stats import binomtest
 
 from cai.errors import BadInputError
 
 # Indices drawn per chunk in the bootstrap (keeps memory bounded for large n).
 _CHUNK_CELLS = 2_000_000
+
+
+def _vector(a: Sequence[float], what: str) -> np.ndarray:
+    x = np.asarray(a, dtype=float)
+    if x.ndim != 1:
+        raise BadInputError(f"{what} must be a one-dimensional sequence")
+    if x.size == 0:
+        raise BadInputError(f"{what} are empty")
+    if not np.isfinite(x).all():
+        raise BadInputError(f"{what} contain NaN or infinity")
+    return x
 
 
 def _paired(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -26,11 +42,62 @@ def _paired(a: Sequence[float], b: Sequence[float]) -> tuple[np.ndarray, np.ndar
         raise BadInputError("paired scores must be one-dimensional sequences")
     if x.shape != y.shape:
         raise BadInputError(f"paired scores differ in length: {x.size} vs {y.size}")
-    if x.size == 0:
-        raise BadInputError("paired scores are empty")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise BadInputError("paired scores contain NaN or infinity")
-    return x, y
+    return _vector(x, "paired scores"), _vector(y, "paired scores")
+
+
+def _cluster_sums(values: np.ndarray, clusters: Sequence[Hashable] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster (sum, size), clusters in order of first appearance; no labels means one
+    cluster per item (so the cluster bootstrap below is exactly the item bootstrap)."""
+    if clusters is None:
+        return values, np.ones_like(values)
+    labels = list(clusters)
+    if len(labels) != values.size:
+        raise BadInputError(f"{len(labels)} cluster label(s) for {values.size} score(s)")
+    index: dict[Hashable, int] = {}
+    ids = np.array([index.setdefault(c, len(index)) for c in labels])
+    sums = np.bincount(ids, weights=values, minlength=len(index))
+    sizes = np.bincount(ids, minlength=len(index)).astype(float)
+    return sums, sizes
+
+
+def _bootstrap(values: np.ndarray, clusters: Sequence[Hashable] | None, n_resamples: int, seed: int,
+               alpha: float) -> tuple[float, float, float]:
+    """(mean, lo, hi): percentile bootstrap of the mean, resampling whole clusters with
+    replacement (the resampled mean is the ratio sum / size over the drawn clusters).
+    Means are sum / n in the point estimate and the resamples, so for 0/1 scores the
+    interval of an all-zero vector is exactly [0, 0]."""
+    if not 0.0 < alpha < 1.0:
+        raise BadInputError(f"alpha must be in (0, 1), got {alpha}")
+    if n_resamples < 1:
+        raise BadInputError(f"n_resamples must be positive, got {n_resamples}")
+    sums, sizes = _cluster_sums(values, clusters)
+    k = sums.size
+    mean = float(values.sum() / values.size)
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CHUNK_CELLS // k)
+    means = np.empty(n_resamples, dtype=float)
+    for start in range(0, n_resamples, chunk):
+        stop = min(start + chunk, n_resamples)
+        idx = rng.integers(0, k, size=(stop - start, k))
+        means[start:stop] = sums[idx].sum(axis=1) / sizes[idx].sum(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return mean, float(lo), float(hi)
+
+
+def n_clusters(clusters: Sequence[Hashable]) -> int:
+    return len(set(clusters))
+
+
+def bootstrap_mean_ci(
+    values: Sequence[float],
+    n_resamples: int = 10000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    clusters: Sequence[Hashable] | None = None,
+) -> tuple[float, float, float]:
+    """(mean, lo, hi) of one system's scores; `clusters` labels each item's cluster
+    (template), which is resampled as a unit."""
+    return _bootstrap(_vector(values, "scores"), clusters, n_resamples, seed, alpha)
 
 
 def paired_bootstrap_ci(
@@ -39,41 +106,31 @@ def paired_bootstrap_ci(
     n_resamples: int = 10000,
     seed: int = 0,
     alpha: float = 0.05,
+    clusters: Sequence[Hashable] | None = None,
 ) -> tuple[float, float, float]:
     """(diff, lo, hi): diff = mean(a) - mean(b) over paired items, and the percentile
-    bootstrap (1 - alpha) interval from resampling *items* (pairs kept together, which is
-    what makes it paired: per-item difficulty cancels).
-
-    Means are computed as sum / n in both the point estimate and the resamples, so for
-    0/1 (integer) scores the arithmetic is exact and the interval of identical vectors is
-    exactly [0, 0]."""
+    bootstrap (1 - alpha) interval from resampling items, or whole clusters of items when
+    `clusters` is given (pairs kept together, which is what makes it paired: per-item
+    difficulty cancels; clusters kept together, which keeps correlated items from passing
+    for independent evidence)."""
     x, y = _paired(a, b)
-    if not 0.0 < alpha < 1.0:
-        raise BadInputError(f"alpha must be in (0, 1), got {alpha}")
-    if n_resamples < 1:
-        raise BadInputError(f"n_resamples must be positive, got {n_resamples}")
-    d = x - y
-    n = d.size
-    diff = float(d.sum() / n)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_CELLS // n)
-    means = np.empty(n_resamples, dtype=float)
-    for start in range(0, n_resamples, chunk):
-        stop = min(start + chunk, n_resamples)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = d[idx].sum(axis=1) / n
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return diff, float(lo), float(hi)
+    return _bootstrap(x - y, clusters, n_resamples, seed, alpha)
 
 
-def _binom_two_sided_half(k: int, n: int) -> float:
-    """Exact two-sided binomial p-value for k successes in n trials at p = 1/2
-    (the distribution is symmetric, so it is twice the smaller tail, capped at 1)."""
-    if n == 0:
-        return 1.0
-    k = min(k, n - k)
-    tail = sum(math.comb(n, i) for i in range(k + 1))
-    return min(1.0, 2 * tail / 2**n)
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm step-down adjusted p-values, in the input order: sorted ascending, the i-th
+    (0-based) of m is multiplied by m - i, made monotone, capped at 1. Controls the
+    family-wise error rate over all the tests of one report without assuming independence."""
+    p = [float(v) for v in pvalues]
+    if any(not (0.0 <= v <= 1.0) for v in p):
+        raise BadInputError(f"p-values must lie in [0, 1], got {p}")
+    m = len(p)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p[j])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 def mcnemar_exact(a: Sequence[int], b: Sequence[int]) -> tuple[int, int, float]:
@@ -89,10 +146,4 @@ def mcnemar_exact(a: Sequence[int], b: Sequence[int]) -> tuple[int, int, float]:
     n = b01 + b10
     if n == 0:
         return b01, b10, 1.0
-    try:
-        from scipy.stats import binomtest
-    except ImportError:  # pragma: no cover - scipy is present with the pinned stack
-        p = _binom_two_sided_half(b01, n)
-    else:
-        p = float(binomtest(min(b01, b10), n, 0.5, alternative="two-sided").pvalue)
-    return b01, b10, min(1.0, p)
+    return b01, b10, min(1.0, float(binomtest(b01, n, 0.5, alternative="two-sided").pvalue))
