@@ -72,6 +72,10 @@ def sft_record():
     return _sft_record
 
 
+TINY_PROVENANCE = {"source": "tiny-random", "quantization": "none", "dtype": "float32",
+                   "observed": {"quantization": "none", "dtypes": ["float32"]}}
+
+
 @pytest.fixture
 def make_run_dir(tmp_path):
     """Factory for a small real run directory (no models): run.json with the config and its
@@ -99,17 +103,17 @@ def make_run_dir(tmp_path):
                                inputs=[input_entry(run / upstream, run / stage)] if upstream else [])
             w.extend({"id": f"ins-{i}", "instruction": ins, **({"critic": {"margin": 1.5}} if stage == "instructions" else {})}
                      for i, (ins, _) in enumerate(CLEAN_SFT))
-            w.finalize(invariants=stage_results(stage, w.done, cfg), model={"source": "tiny-random"},
-                       memory={"peak_rss_mb": 512.0})
+            w.finalize(invariants=stage_results(stage, w.done, cfg), model=TINY_PROVENANCE,
+                       memory={"peak_rss_mb_sampled": 512.0})
             upstream = stage
         records = sft_records if sft_records is not None else [_sft_record(i, ins, c) for i, (ins, c) in enumerate(CLEAN_SFT)]
         w = ArtifactWriter(run / "responses", "responses", config_hash=cfg.hash(), seed=0,
                            inputs=[input_entry(run / "instructions", run / "responses")])
         w.extend(records)
-        memory = {"peak_rss_mb": 512.0}
+        memory = {"peak_rss_mb_sampled": 512.0}
         if slot_events is not None:
             memory["slot_events"] = slot_events
-        w.finalize(invariants=stage_results("responses", records, cfg), model={"source": "tiny-random"}, memory=memory)
+        w.finalize(invariants=stage_results("responses", records, cfg), model=TINY_PROVENANCE, memory=memory)
         return run
 
     return make

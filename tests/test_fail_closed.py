@@ -225,6 +225,10 @@ DAMAGES = [
      edit_records("instructions", first_record("critic", lambda r: {**r["critic"], "margin": -2.0})),
      "instructions/critic_selected"),
     ("loss-nan-resealed", edit_records("dpo", nan_loss), "dpo/training_outputs"),
+    ("pair-chosen-equals-rejected-resealed", edit_records("pairs", first_record("rejected", lambda r: r["chosen"])),
+     "pairs/chosen_differs_from_rejected"),
+    ("declared-quantization-edited-resealed",
+     edit_manifest("sft", lambda m: m["model"].update(quantization="4bit"), sealed=True), "sft/weights_as_declared"),
     ("duplicate-sft-record-resealed", edit_records("responses", lambda rows: rows + rows[:1]), "responses/record_schema"),
 ]
 

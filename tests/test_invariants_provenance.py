@@ -106,3 +106,39 @@ def test_missing_or_foreign_manifest_fails(tmp_path, content):
         (d / "manifest.json").write_text(content)
     results = evaluate(provenance_invariants(), d)
     assert not all_passed(results) and all(r.status == Status.FAIL for r in results)
+
+
+def test_weights_as_declared_reads_the_loaded_modules(tmp_path):
+    """The provenance of a real load records what the modules are; a manifest whose
+    declared quantization the weights do not show fails, and so does one that never recorded them."""
+    from cai.config import ModelConfig
+    from cai.invariants.provenance import WeightsAsDeclared
+    from cai.pipeline.models import load_model
+
+    loaded = load_model(ModelConfig(source="tiny-random"))
+    provenance = dict(loaded.provenance)
+    del loaded
+    assert provenance["observed"] == {"quantization": "none", "dtypes": ["float32"]}
+
+    def artifact(name, model):
+        w = ArtifactWriter(tmp_path / name, "candidates", config_hash="h")
+        w.append({"id": "a", "instruction": "x"})
+        w.finalize(invariants=[Result("records_written", Status.PASS, Severity.ERROR, "test")], model=model)
+        return tmp_path / name
+
+    assert WeightsAsDeclared().check(artifact("ok", provenance)).status == Status.PASS
+    r = WeightsAsDeclared().check(artifact("claims-8bit", {**provenance, "quantization": "8bit"}))
+    assert r.status == Status.FAIL and "quantization declared '8bit', loaded 'none'" in r.evidence
+    r = WeightsAsDeclared().check(artifact("claims-bf16", {**provenance, "dtype": "bfloat16"}))
+    assert r.status == Status.FAIL and "dtype declared 'bfloat16'" in r.evidence
+    unrecorded = {k: v for k, v in provenance.items() if k != "observed"}
+    assert WeightsAsDeclared().check(artifact("unrecorded", unrecorded)).status == Status.FAIL
+
+
+def test_tiny_random_refuses_a_quantization_it_would_ignore():
+    from cai.config import ModelConfig
+    from cai.errors import ModelLoadError
+    from cai.pipeline.models import load_model
+
+    with pytest.raises(ModelLoadError, match="never applied to tiny-random"):
+        load_model(ModelConfig(source="tiny-random", quantization="8bit"))

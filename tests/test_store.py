@@ -75,6 +75,18 @@ def test_torn_last_line_is_cut_on_resume(tmp_path):
     assert [r["id"] for r in read_artifact(tmp_path).records()] == [0, 1, 2, 3]
 
 
+def test_bytes_that_are_not_utf8_end_the_recovered_part_of_a_torn_shard(tmp_path):
+    writer = ArtifactWriter(tmp_path, "demo", config_hash="h", shard_size=100)
+    writer.extend({"id": i} for i in range(2))
+    writer.close()
+    partial = next((tmp_path / "data").glob("*.partial"))
+    with open(partial, "ab") as f:
+        f.write(b'{"id": "\xff\xfe"}\n')  # garbage where the crash hit
+    resumed = ArtifactWriter(tmp_path, "demo", config_hash="h", shard_size=100, resume=True)
+    assert [r["id"] for r in resumed.done] == [0, 1]
+    assert peek_records(tmp_path) == [{"id": 0}, {"id": 1}]
+
+
 def test_tampered_data_is_detected_by_hash(tmp_path):
     writer = ArtifactWriter(tmp_path, "demo", config_hash="h")
     writer.extend({"id": i, "completion": " ok"} for i in range(4))

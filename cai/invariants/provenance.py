@@ -214,6 +214,33 @@ class InputsAsDeclared(Invariant):
         return True, f"stage {stage!r} built from {want or 'no input'}" + (f" and {shards} shard(s)" if shards else "")
 
 
+class WeightsAsDeclared(Invariant):
+    """Prevents a run whose model was not loaded as configured (a quantization the loader
+    dropped, another dtype) from being reported as that configuration: the weights observed
+    after loading (`observed` in the model provenance: the linear layers' quantization, the
+    floating dtypes) match the declared `quantization` and `dtype`."""
+
+    name = "weights_as_declared"
+
+    def _check(self, subject):
+        a = as_artifact(subject)
+        if a.manifest is None:
+            return False, a.error
+        model = a.manifest.get("model")
+        observed = model.get("observed") if isinstance(model, dict) else None
+        if not isinstance(observed, dict):
+            return False, f"{a.dir}: the model provenance does not record the loaded weights (model.observed)"
+        declared_q, declared_dtype = model.get("quantization"), model.get("dtype")
+        problems = []
+        if observed.get("quantization") != declared_q:
+            problems.append(f"quantization declared {declared_q!r}, loaded {observed.get('quantization')!r}")
+        if declared_q == "none" and observed.get("dtypes") != [declared_dtype]:
+            problems.append(f"dtype declared {declared_dtype!r}, parameters are {observed.get('dtypes')}")
+        if problems:
+            return False, f"{a.dir}: " + "; ".join(problems)
+        return True, f"weights loaded as declared: quantization {declared_q}, dtypes {observed.get('dtypes')}"
+
+
 def provenance_invariants(config_hash: str | None = None) -> list[Invariant]:
     return [ManifestComplete(), HashesVerify(), InputsCertified(), InputsAsDeclared(), ConfigHashMatches(config_hash),
-            RecordedInvariantsPassed(), InvariantsRecorded()]
+            RecordedInvariantsPassed(), InvariantsRecorded(), WeightsAsDeclared()]

@@ -519,6 +519,9 @@ def load_model(model_cfg: ModelConfig) -> LoadedModel:
     started = time.perf_counter()
     weights = {p.name: file_sha256(p) for p in files}
     if resolved.kind == TINY_RANDOM:
+        if model_cfg.quantization != "none":
+            raise ModelLoadError(f"model.quantization: {model_cfg.quantization!r} is never applied to tiny-random "
+                                 "(a random fp32 model built in memory); use quantization: none")
         model = build_tiny_model(tok)
     else:
         from transformers import AutoModelForCausalLM
@@ -548,6 +551,7 @@ def load_model(model_cfg: ModelConfig) -> LoadedModel:
         "dtype": model_cfg.dtype,
         "device": model_cfg.device,
         "quantization": model_cfg.quantization,
+        "observed": observed_weights(model),
         "trust_remote_code": model_cfg.trust_remote_code,
         "allow_pickle": model_cfg.allow_pickle,
         "n_parameters": sum(p.numel() for p in model.parameters()),
@@ -555,6 +559,15 @@ def load_model(model_cfg: ModelConfig) -> LoadedModel:
         "versions": library_versions(),
     }
     return LoadedModel(model, tok, provenance)
+
+
+def observed_weights(model) -> dict[str, Any]:
+    """What the loaded weights are, read from the modules (not the config that asked for
+    them): the quantization of its linear layers and the dtype of its floating parameters."""
+    kinds = {type(m).__name__ for m in model.modules()}
+    quantization = "4bit" if "Linear4bit" in kinds else "8bit" if "Linear8bitLt" in kinds else "none"
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    return {"quantization": quantization, "dtypes": dtypes}
 
 
 def build_tiny_model(tokenizer, seed: int = 0):

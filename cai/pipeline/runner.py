@@ -189,6 +189,16 @@ class Run:
                 e for e in self.index.get("slot_events", []) if json.dumps(e, sort_keys=True) not in seen]
         write_json_atomic(self.index_path, self.index)
 
+    def check_released(self, slot) -> None:
+        """After a slot closed: no base-sized model may still be alive (observed by a gc scan),
+        and loads stayed one at a time. Recorded in run.json (the stage manifest is written)."""
+        from cai.invariants import evaluate, memory_invariants
+
+        results = evaluate(memory_invariants(), slot)
+        self.index.setdefault("memory_checks", []).append({"slot": slot.label, "results": [r.to_json() for r in results]})
+        self.save()
+        raise_on_failures(results)
+
     def record_slot_events(self) -> None:
         """The complete load/release log (all processes of this run, resumes included): the
         run-level check that models were resident one at a time reads it."""
@@ -247,14 +257,26 @@ def eval_sets(cfg: RunConfig) -> dict[str, list[dict]]:
 
 def data_results(run: Run, stage: str, records: list[dict], slot=None) -> list[Result]:
     """The stage's content invariants (`cai.invariants.artifacts`, re-run by every later
-    verification) + encoding checks on its prompts when a tokenizer is at hand."""
-    from cai.invariants import encoding_invariants, evaluate, prompt_tokenizer_subject
+    verification); with the stage's open slot, also the encoding checks on its prompts and
+    the observed memory check (exactly one base model alive, the slot's)."""
+    from cai.invariants import encoding_invariants, evaluate, open_slot_invariants, prompt_tokenizer_subject
     from cai.invariants.artifacts import stage_results
 
     results = stage_results(stage, records, run.cfg, run.stage_dir(stage))
-    if slot is not None and any(isinstance(r.get("prompt"), str) for r in records):
-        results += evaluate(encoding_invariants(), prompt_tokenizer_subject(records, slot.tokenizer))
+    if slot is not None:
+        if any(isinstance(r.get("prompt"), str) for r in records):
+            results += evaluate(encoding_invariants(), prompt_tokenizer_subject(records, slot.tokenizer))
+        results += evaluate(open_slot_invariants(), slot)
     return results
+
+
+def slot_leakage_results(slot) -> list[Result]:
+    """Leakage layers 1 (tokenizer) and 5 (behaviour sentinel, a warning with its outputs)
+    on the data slot: recorded in the candidates manifest of every run."""
+    from cai.invariants.slot import slot_leakage_results as check
+
+    log("leakage layers 1 and 5 on the data slot (tokenizer, behaviour sentinel)")
+    return check(slot)
 
 
 def stage_candidates(run: Run, slot, gen) -> None:
@@ -262,7 +284,8 @@ def stage_candidates(run: Run, slot, gen) -> None:
 
     writer = run.writer("candidates")
     stats = generate_instructions(run.cfg, gen, writer)
-    run.finish("candidates", writer, data_results(run, "candidates", writer.done), model=slot.provenance,
+    run.finish("candidates", writer, data_results(run, "candidates", writer.done, slot) + slot_leakage_results(slot),
+               model=slot.provenance,
                extra={"instructions": stats})
 
 
@@ -273,7 +296,7 @@ def stage_instructions(run: Run, slot, gen) -> None:
     writer = run.writer("instructions")
     kept, stats = filter_instructions(run.cfg, gen, candidates)
     extra = write_instructions(run, writer, kept, stats)
-    run.finish("instructions", writer, data_results(run, "instructions", writer.done), model=slot.provenance, extra=extra)
+    run.finish("instructions", writer, data_results(run, "instructions", writer.done, slot), model=slot.provenance, extra=extra)
 
 
 def write_instructions(run: Run, writer: ArtifactWriter, kept: list[dict], stats: dict) -> dict:
@@ -329,12 +352,13 @@ def _finish_training(run: Run, stage: str, writer: ArtifactWriter, result: dict,
     if not writer.done:
         writer.extend(result.get("loss_curve_points", []))
     adapter = Path(result["adapter_dir"])
+    from cai.invariants import evaluate, open_slot_invariants
     from cai.invariants.artifacts import stage_results
 
     files = [p for p in adapter.rglob("*") if p.is_file()]
     results = [Result.from_json(r) if isinstance(r, dict) else r for r in result.get("invariants", [])]
     listed = {p.resolve().relative_to(writer.dir.resolve()).as_posix(): {} for p in files}
-    results += stage_results(stage, writer.done, run.cfg, writer.dir, listed)
+    results += stage_results(stage, writer.done, run.cfg, writer.dir, listed) + evaluate(open_slot_invariants(), slot)
     run.finish(stage, writer, results, model=slot.provenance, files=files, memory=result.get("memory"),
                extra={k: v for k, v in result.items() if k not in ("invariants", "loss_curve_points")})
 
@@ -401,7 +425,7 @@ def merge_candidates(run: Run, slot, shards: list[Artifact], writer: ArtifactWri
     else:
         records, stats = instructions.merge_candidates(run.cfg, [r for a in shards for r in a.records()], len(shards))
         write_missing(writer, records)
-    return data_results(run, "candidates", writer.done), {"instructions": stats}
+    return data_results(run, "candidates", writer.done, slot) + slot_leakage_results(slot), {"instructions": stats}
 
 
 def shard_instructions(run: Run, gen, shard: Shard, writer: ArtifactWriter) -> dict:
@@ -422,7 +446,7 @@ def merge_instructions(run: Run, slot, shards: list[Artifact], writer: ArtifactW
     judgements = {r["id"]: Judgement(**r["judgement"]) for a in shards for r in a.records()}
     kept, stats = select_instructions(run.cfg, records_of(run, "candidates"), judgements)
     extra = write_instructions(run, writer, kept, stats)
-    return data_results(run, "instructions", writer.done), extra
+    return data_results(run, "instructions", writer.done, slot), extra
 
 
 def shard_responses(run: Run, gen, shard: Shard, writer: ArtifactWriter) -> dict:
@@ -564,8 +588,7 @@ def data_generator(cfg: RunConfig, slot):
 
 def run_stages(run: Run, todo: list[str]) -> None:
     """Data stages share one slot (the base model generates and judges); each training stage
-    and the evaluation get their own, released before the next loads."""
-    from cai.invariants import evaluate, memory_invariants
+    and the evaluation get their own, released (and checked released) before the next loads."""
     from cai.pipeline.models import SLOT_EVENTS, ModelSlot
 
     data = [s for s in DATA_STAGES if s in todo]
@@ -582,6 +605,7 @@ def run_stages(run: Run, todo: list[str]) -> None:
                 DATA_STAGES[stage](run, slot, gen)
             del gen  # holds the model: drop it before the slot releases
         run.record_slot_events()
+        run.check_released(slot)
     for stage, run_stage in MODEL_STAGES.items():
         if stage in todo:
             log(f"stage {stage}")
@@ -589,7 +613,7 @@ def run_stages(run: Run, todo: list[str]) -> None:
             with ModelSlot(run.cfg.model, label=stage) as slot:
                 run_stage(run, slot)
             run.record_slot_events()
-            raise_on_failures(evaluate(memory_invariants(), None))
+            run.check_released(slot)
 
 
 def check_runnable(cfg: RunConfig, out: Path | None = None, *, resume: bool = False,
