@@ -4,7 +4,7 @@ import pytest
 
 from cai.invariants import FormatMatchesTraining, PromptFormatParity, PromptsIdenticalAcrossModels, Result, Severity, Status
 from cai.invariants.artifacts import expected_eval_keys
-from cai.pipeline.compare import CEILING
+from cai.pipeline.compare import ARTIFACT_RATE, CEILING
 
 pytestmark = pytest.mark.stage("eval")
 
@@ -37,15 +37,26 @@ def test_every_score_and_comparison_covers_every_configured_item(results, cai_co
 
 
 def test_scoring_artifact_diagnostics(results, cai_gate):
-    """Warnings, not failures: a base model at the ceiling, or pass/fail tracking length."""
-    base = results["scores"].get("primary", {}).get("base")
-    if base is not None:
-        at_ceiling = base["prompt_level_strict"] >= CEILING
-        cai_gate.record(Result("base_below_ceiling", Status.WARN if at_ceiling else Status.PASS, Severity.WARN,
-                               f"base scores {base['prompt_level_strict']:.3f} under the training format "
-                               f"(ceiling warning at {CEILING})"), subject="eval")
+    """Warnings, not failures: a base model at the ceiling in any suite, pass/fail tracking
+    length, responses cut at the token cap or empty, few-shot prompting beating training."""
+    for suite, models in results["scores"].items():
+        base = models.get("base")
+        if base is not None:
+            at_ceiling = base["prompt_level_strict"] >= CEILING
+            cai_gate.record(Result("base_below_ceiling", Status.WARN if at_ceiling else Status.PASS, Severity.WARN,
+                                   f"{suite}: base scores {base['prompt_level_strict']:.3f} "
+                                   f"(ceiling warning at {CEILING})"), subject=f"eval/{suite}/base")
+    for c in results["comparisons"]:
+        if c["kind"] == "prompting":
+            worse = c["diff_b_minus_a"] < 0
+            cai_gate.record(Result("training_beats_prompting", Status.WARN if worse else Status.PASS, Severity.WARN,
+                                   c["sentence"]), subject=f"eval/{c['b_suite']}/{c['b']}")
     for suite, models in results["scores"].items():
         for model, s in models.items():
+            over = s["truncated_rate"] > ARTIFACT_RATE or s["empty_rate"] > ARTIFACT_RATE
+            cai_gate.record(Result("responses_not_cut", Status.WARN if over else Status.PASS, Severity.WARN,
+                                   f"{suite}/{model}: {s['n_truncated']} of {s['n']} hit max_new_tokens, {s['n_empty']} "
+                                   f"empty (warning above {ARTIFACT_RATE:.0%})"), subject=f"eval/{suite}/{model}")
             lc = s["length_confound"]
             cai_gate.record(Result("no_length_confound", Status.WARN if lc["warning"] else Status.PASS, Severity.WARN,
                                    f"{suite}/{model}: corr(pass, chars) = {lc['corr']} over {lc['n']} items "

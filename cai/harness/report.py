@@ -1,4 +1,5 @@
-"""The run report: invariants first, then results (or a VOID banner), plots, provenance.
+"""The run report: the verdict line, results (or a VOID banner), warnings, discordant items,
+plots, then the invariants (failures and warnings first) and provenance.
 
 Built from invariant results and evaluation results computed in the same invocation:
 `pytest suites/` passes its session's; `cai report RUN_DIR` verifies the run again (hashes,
@@ -117,10 +118,175 @@ def _fmt_ci(ci) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
+def _acc_ci(value: float, ci) -> str:
+    return f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _clip(text: Any, limit: int = 300) -> str:
+    """One table cell: pipes escaped, newlines flattened, cut at a word boundary (never
+    mid-word) with an ellipsis when longer than `limit`."""
+    flat = " ".join(str(text).split()).replace("|", "\\|")
+    if len(flat) <= limit:
+        return flat
+    cut = flat[:limit]
+    return (cut[:cut.rfind(" ")] if " " in cut else cut).rstrip(",;:") + " …"
+
+
+SUITE_LABEL = {"primary": "primary (training format)", "raw_probe": "raw-instruction probe",
+               "fewshot_baseline": "few-shot base baseline"}
+
+
+def _verdict_line(run_dir: Path, invariants: list[dict[str, Any]], results: dict[str, Any] | None) -> str:
+    """The report's first line: VALID or VOID, and why, in one sentence."""
+    failed = [r for r in invariants if r["status"] == "fail"]
+    if failed:
+        names = ", ".join(f"{r['name']} ({r['where']})" for r in failed[:5]) + (" …" if len(failed) > 5 else "")
+        return (f"**VOID** — run `{run_dir.name}`: {len(failed)} error-severity invariant(s) failed "
+                f"({names}); no result of this run counts.")
+    warned = sum(r["status"] == "warn" for r in invariants)
+    primary = (results or {}).get("scores", {}).get("primary", {})
+    scored = ("primary prompt-level strict " + ", ".join(f"{m} {s['prompt_level_strict']:.3f}" for m, s in primary.items())
+              + f" (N = {next(iter(primary.values()))['n']})") if primary else (
+        "results below" if results else "no evaluation results yet")
+    return (f"**VALID** — run `{run_dir.name}`: all {len(invariants)} invariant(s) passed or warned "
+            f"({warned} warning(s)); {scored}.")
+
+
+def _model_labels(invariants: list[dict[str, Any]], lm_eval: dict[str, Any]) -> list[str]:
+    """Per invariant row, the model it is about. The eval stage records each model's lm-eval
+    invariants in `extra.lm_eval` model by model and appends them to its manifest in that
+    order, so the k-th identical row belongs to the k-th model that recorded it."""
+    queue = [(model, f"{d['name']}[recorded]", str(d.get("evidence", "")))
+             for model, rep in lm_eval.items() for d in rep.get("invariants", [])]
+    labels = []
+    for r in invariants:
+        parts = r["where"].split("/", 1)
+        label = parts[1] if len(parts) > 1 else ""
+        if parts[0] == "eval" and not label:
+            hit = next((q for q in queue if q[1:] == (r["name"], str(r["evidence"]))), None)
+            if hit is not None:
+                queue.remove(hit)
+                label = hit[0]
+        labels.append(label)
+    return labels
+
+
+def _manifest_warnings(run_dir: Path, invariants: list[dict[str, Any]]) -> list[str]:
+    """Warnings the stages recorded in their manifests (e.g. DPO truncation) that the
+    invariant list passed in does not already carry."""
+    seen = {(r["where"].split("/")[0], r["name"].removesuffix("[recorded]")) for r in invariants}
+    out = []
+    for d in _stage_dirs(run_dir):
+        for inv in _manifest_or_none(d).get("invariants", []):
+            if isinstance(inv, dict) and inv.get("status") == "warn" and (d.name, inv.get("name")) not in seen:
+                out.append(f"{d.name}: `{inv.get('name')}` — {_clip(inv.get('evidence', ''))}")
+    return out
+
+
+def _results_section(results: dict[str, Any]) -> list[str]:
+    md = ["## Results", "",
+          f"Metric: {results['metric']}; N = {results['n_items']} items in {results['clustering']['n_clusters']} "
+          f"clusters. CIs are 95% percentile bootstraps resampling clusters ({results['clustering']['by']}).", "",
+          "| suite | model | N | clusters | prompt strict [95% CI] | instr strict [95% CI] (N instr) | prompt loose "
+          "| instr loose | hit token cap | empty | mean chars |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for suite, models in results["scores"].items():
+        for model, s in models.items():
+            md.append(f"| {SUITE_LABEL.get(suite, suite)} | {model} | {s['n']} | {s['n_clusters']} | "
+                      f"{_acc_ci(s['prompt_level_strict'], s['prompt_level_strict_ci'])} | "
+                      f"{_acc_ci(s['instruction_level_strict'], s['instruction_level_strict_ci'])} ({s['n_instructions']}) | "
+                      f"{s['prompt_level_loose']:.3f} | {s['instruction_level_loose']:.3f} | "
+                      f"{s['n_truncated']} ({s['truncated_rate']:.0%}) | {s['n_empty']} ({s['empty_rate']:.0%}) | "
+                      f"{s['mean_response_chars']} |")
+    md += ["", "### Paired comparisons (prompt-level strict)", "",
+           f"{results['multiplicity']}: the adjusted p is shown beside the raw one; read the adjusted p.", "",
+           "| comparison | a → b | diff (b − a) | 95% cluster CI | McNemar p | Holm p | a only | b only | N |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for c in results["comparisons"]:
+        md.append(f"| {c['suite']} | {c['a']} → {c['b']} | {c['diff_b_minus_a']:+.3f} | {_fmt_ci(c['ci95'])} | "
+                  f"{c['mcnemar_p']:.3g} | {c['mcnemar_p_holm']:.3g} | {c['a_only_pass']} | {c['b_only_pass']} | {c['n']} |")
+    md += [""] + [f"- {c['sentence']}" for c in results["comparisons"] if c["kind"] == "training"] + [""]
+    prompting = [c for c in results["comparisons"] if c["kind"] == "prompting"]
+    md += ["### Did training beat prompting?", ""]
+    if prompting:
+        md += [f"- {c['sentence']}" for c in prompting]
+        losers = [c["b"] for c in prompting if c["diff_b_minus_a"] < 0]
+        md += ["", f"**Few-shot base beats {' and '.join(losers)}**: prompting alone did better than training."
+               if losers else "No trained model scores below the few-shot base."]
+    else:
+        md.append("Not measured: the run has no few-shot baseline suite next to the primary suite.")
+    md.append("")
+    primary = results["scores"].get("primary", {})
+    if primary:
+        ids = sorted({i for s in primary.values() for i in s["per_instruction"]})
+        names = list(primary)
+        md += ["### Per instruction type (primary, instruction-level strict, 95% CI)", "",
+               "| instruction | N | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for iid in ids:
+            cells = [primary[m]["per_instruction"].get(iid) for m in names]
+            n = next(c["n"] for c in cells if c)
+            md.append(f"| {iid} | {n} | " + " | ".join(_acc_ci(c["strict"], c["strict_ci"]) if c else "-" for c in cells) + " |")
+        md.append("")
+    return md
+
+
+def _lm_eval_section(lm_eval: dict[str, Any], results: dict[str, Any]) -> list[str]:
+    md = ["### lm-eval second opinion (HFLM, cai's YAML tasks, no chat template)", "",
+          "| model | task | N | metric | value |", "|---|---|---|---|---|"]
+    for model, rep in lm_eval.items():
+        for task, t in rep["tasks"].items():
+            for metric, value in sorted(t["metrics"].items()):
+                if isinstance(value, (int, float)):
+                    md.append(f"| {model} | {task} | {t.get('n', '-')} | {metric} | {value:.3f} |")
+    lm = {m: rep["tasks"].get("cai_stage1_gen", {}) for m, rep in lm_eval.items()}
+    primary = results["scores"].get("primary", {})
+    pairs = [(a, b) for a, b in (("base", "sft"), ("base", "dpo"))
+             if all("prompt_level_strict_acc" in lm.get(m, {}).get("metrics", {}) and m in primary for m in (a, b))]
+    notes = []
+    for a, b in pairs:
+        lm_diff = lm[b]["metrics"]["prompt_level_strict_acc"] - lm[a]["metrics"]["prompt_level_strict_acc"]
+        cai_diff = primary[b]["prompt_level_strict"] - primary[a]["prompt_level_strict"]
+        signs = (lm_diff > 0) - (lm_diff < 0), (cai_diff > 0) - (cai_diff < 0)
+        how = "same direction" if signs[0] == signs[1] else ("OPPOSITE direction" if signs[0] * signs[1] < 0
+                                                             else "different direction")
+        notes.append(f"{a} → {b}: lm-eval {lm_diff:+.3f} on {lm[a].get('n', '?')} items, cai {cai_diff:+.3f} "
+                     f"on {primary[a]['n']} ({how})")
+    if notes:
+        md += ["", "Against the canonical metric (prompt-level strict, primary suite): " + "; ".join(notes) + ". "
+               "lm-eval scores a smaller slice, so it is a check on the pipeline, not a second estimate."]
+    return md + [""]
+
+
+def _invariants_section(invariants: list[dict[str, Any]], lm_eval: dict[str, Any]) -> list[str]:
+    """Failures and warnings first; then passes grouped by artifact (stage), each row
+    labelled with the suite/model it is about."""
+    labels = _model_labels(invariants, lm_eval)
+    rows = list(zip(invariants, labels))
+
+    def line(r, label):
+        return f"| {r['where'].split('/')[0]} | {label or '-'} | `{r['name']}` | {r['severity']} | **{r['status']}** | {_clip(r['evidence'])} |"
+
+    head = ["| artifact | suite/model | invariant | severity | status | evidence |", "|---|---|---|---|---|---|"]
+    md = ["## Invariants", ""]
+    flagged = [(r, lab) for r, lab in rows if r["status"] != "pass"]
+    md += ["### Failures and warnings", ""] + ((head + [line(r, lab) for r, lab in flagged]) if flagged else ["- none"]) + [""]
+    groups: dict[str, list] = {}
+    for r, lab in rows:
+        if r["status"] == "pass":
+            groups.setdefault(r["where"].split("/")[0], []).append((r, lab))
+    order = {name: i for i, name in enumerate(("run",) + STAGE_ORDER)}
+    for group in sorted(groups, key=lambda g: (order.get(g, len(order)), g)):
+        md += [f"### {group}: {len(groups[group])} passed", ""] + head + [line(r, lab) for r, lab in groups[group]] + [""]
+    return md
+
+
 def build_report(run_dir: str | Path, invariants: list[dict[str, Any]], results: dict[str, Any] | None) -> Path:
     """Write reports/report.md, report.html and results.json for a run from `invariants`
     (result dicts with `where`) and `results` (None: no scores this invocation; a stale
-    results.json is removed, never shown). Return the markdown path."""
+    results.json is removed, never shown). The report leads with the verdict and the
+    results; the invariants that decide the verdict follow. Return the markdown path."""
+    import os
+
     from cai.pipeline.store import write_json_atomic
 
     run_dir = Path(run_dir)
@@ -134,59 +300,39 @@ def build_report(run_dir: str | Path, invariants: list[dict[str, Any]], results:
     else:
         results_path.unlink(missing_ok=True)
     plots = _plots(run_dir, None if void else results)
+    lm_eval = _manifest_or_none(run_dir / "eval").get("extra", {}).get("lm_eval") or {}
 
-    md = [f"# cai run report: {run_dir.name}", ""]
+    md = [_verdict_line(run_dir, invariants, results), "", f"# cai run report: {run_dir.name}", ""]
     if void:
         md += ["> **VOID** — error-severity invariants failed; no result of this run counts:", ""]
-        md += [f"> - `{r['name']}` ({r['where']}): {r['evidence']}" for r in failed] + [""]
-    md += ["## Invariants", "", "| where | invariant | severity | status | evidence |", "|---|---|---|---|---|"]
-    for r in invariants:
-        evidence = str(r["evidence"]).replace("|", "\\|").replace("\n", " ")[:200]
-        md.append(f"| {r['where']} | `{r['name']}` | {r['severity']} | **{r['status']}** | {evidence} |")
-    md.append("")
-    if not void and results:
-        md += ["## Results", "", f"Metric: {results['metric']}; N = {results['n_items']} items.", "",
-               "| suite | model | prompt strict | 95% CI | instr strict | prompt loose | instr loose | mean chars |",
-               "|---|---|---|---|---|---|---|---|"]
-        for suite, models in results["scores"].items():
-            label = {"primary": "primary (training format)", "raw_probe": "raw-instruction probe",
-                     "fewshot_baseline": "few-shot base baseline"}.get(suite, suite)
-            for model, s in models.items():
-                lo, hi = s["prompt_level_strict_ci"]
-                md.append(f"| {label} | {model} | {s['prompt_level_strict']:.3f} | [{lo:.3f}, {hi:.3f}] | "
-                          f"{s['instruction_level_strict']:.3f} | {s['prompt_level_loose']:.3f} | "
-                          f"{s['instruction_level_loose']:.3f} | {s['mean_response_chars']} |")
-        md += ["", "### Paired comparisons (prompt-level strict)", "",
-               "| suite | a → b | diff (b − a) | 95% paired bootstrap CI | McNemar exact p | a only | b only | N |",
-               "|---|---|---|---|---|---|---|---|"]
-        for c in results["comparisons"]:
-            md.append(f"| {c['suite']} | {c['a']} → {c['b']} | {c['diff_b_minus_a']:+.3f} | {_fmt_ci(c['ci95'])} | "
-                      f"{c['mcnemar_p']:.3g} | {c['a_only_pass']} | {c['b_only_pass']} | {c['n']} |")
-        lm_eval = (read_manifest(run_dir / "eval").get("extra", {}).get("lm_eval")
-                   if (run_dir / "eval" / MANIFEST).is_file() else None)
+        md += [f"> - `{r['name']}` ({r['where']}): {_clip(r['evidence'], 500)}" for r in failed] + [""]
+    elif results:
+        md += _results_section(results)
         if lm_eval:
-            md += ["", "### lm-eval second opinion (HFLM, cai's YAML tasks, no chat template)", "",
-                   "| model | task | metric | value |", "|---|---|---|---|"]
-            for model, rep in lm_eval.items():
-                for task, t in rep["tasks"].items():
-                    for metric, value in sorted(t["metrics"].items()):
-                        if isinstance(value, (int, float)):
-                            md.append(f"| {model} | {task} | {metric} | {value:.3f} |")
-        md += ["", "### Warnings", ""] + ([f"- {w}" for w in results["warnings"]] or ["- none"]) + [""]
-        md += ["### Discordant items", "", "Every item where two models disagree, with the check that decided:", ""]
-        for c in results["comparisons"]:
-            if c["suite"] != "primary" or not c["discordant"]:
-                continue
-            md += [f"#### {c['a']} vs {c['b']} ({len(c['discordant'])} items)", ""]
-            for d in c["discordant"]:
-                md += [f"- **{d['key']}** {d['instruction']!r} — deciding: {', '.join(d['deciding_checks'])}; "
-                       f"{c['a']} {'pass' if d[c['a'] + '_pass'] else 'fail'}: {d[c['a'] + '_response'][:160]!r}; "
-                       f"{c['b']} {'pass' if d[c['b'] + '_pass'] else 'fail'}: {d[c['b'] + '_response'][:160]!r}"]
-            md.append("")
-    elif not void:
+            md += _lm_eval_section(lm_eval, results)
+    else:
         md += ["## Results", "", "No evaluation results yet (run `pytest suites/ --cai-run RUN_DIR`).", ""]
-    md += ["## Plots", ""] + [f"![{name}]({p.relative_to(run_dir / REPORT_DIR) if p.is_relative_to(run_dir / REPORT_DIR) else p})"
-                              for name, p in plots.items()] + [""]
+    warnings = list(results["warnings"]) if results and not void else []
+    warnings += [f"{r['where']}: `{r['name']}` — {_clip(r['evidence'])}" for r in invariants if r["status"] == "warn"]
+    warnings += _manifest_warnings(run_dir, invariants)
+    md += ["## Warnings", ""] + ([f"- {w}" for w in warnings] or ["- none"]) + [""]
+    if results and not void:
+        md += ["## Discordant items", "", "Every item where two compared models disagree (primary suite and "
+               "training vs prompting), with the check that decided; `[cut]` marks a response that hit the "
+               "token cap or is empty:", ""]
+        for c in results["comparisons"]:
+            if c["b_suite"] != "primary" or not c["discordant"]:
+                continue
+            md += [f"### {c['suite']}: {c['a']} vs {c['b']} ({len(c['discordant'])} items, "
+                   f"{c['discordant_truncated_or_empty']} with the failing side cut)", ""]
+            for d in c["discordant"]:
+                cut = " [cut]" if d["loser_truncated_or_empty"] else ""
+                md += [f"- **{d['key']}** {_clip(d['instruction'], 200)!r} — deciding: {', '.join(d['deciding_checks'])}{cut}; "
+                       f"{c['a']} {'pass' if d[c['a'] + '_pass'] else 'fail'}: {_clip(d[c['a'] + '_response'], 160)!r}; "
+                       f"{c['b']} {'pass' if d[c['b'] + '_pass'] else 'fail'}: {_clip(d[c['b'] + '_response'], 160)!r}"]
+            md.append("")
+    md += ["## Plots", ""] + [f"![{name}]({Path(os.path.relpath(p, report_dir)).as_posix()})" for name, p in plots.items()] + [""]
+    md += _invariants_section(invariants, lm_eval)
     md += ["## Provenance", ""]
     for d in _stage_dirs(run_dir):
         m = _manifest_or_none(d)
@@ -200,19 +346,29 @@ def build_report(run_dir: str | Path, invariants: list[dict[str, Any]], results:
     md.append("")
     md_path = report_dir / "report.md"
     md_path.write_text("\n".join(md))
-    _write_html(report_dir / "report.html", "\n".join(md), plots)
+    _write_html(report_dir / "report.html", md, plots, void)
     return md_path
 
 
-def _write_html(path: Path, markdown: str, plots: dict[str, Path]) -> None:
-    """A self-contained HTML page: the markdown as preformatted text and the plots inline."""
+def _write_html(path: Path, md: list[str], plots: dict[str, Path], void: bool) -> None:
+    """A self-contained HTML page: the markdown as preformatted text with the passing
+    invariants collapsed, and the plots inline (so nothing depends on relative paths)."""
     images = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
         f"<figcaption>{html.escape(name)}</figcaption></figure>" for name, p in plots.items())
-    void = "VOID" in markdown.split("## Invariants")[0]
+    text = "\n".join(md)
+    head, _, rest = text.partition("\n## Invariants\n")
+    inv, _, tail = rest.partition("\n## Provenance\n")
+    blocks = inv.split("\n### ")
+    body = f"<pre style='white-space:pre-wrap'>{html.escape(head)}</pre>{images}<h2>Invariants</h2>"
+    for block in blocks[1:]:
+        title, _, table = block.partition("\n")
+        open_ = "" if title.endswith("passed") else " open"
+        body += (f"<details{open_}><summary>{html.escape(title)}</summary>"
+                 f"<pre style='white-space:pre-wrap'>{html.escape(table)}</pre></details>")
+    body += f"<h2>Provenance</h2><pre style='white-space:pre-wrap'>{html.escape(tail)}</pre>"
     banner = '<p style="background:#c00;color:#fff;padding:1em;font-size:1.5em">VOID — invariants failed</p>' if void else ""
-    path.write_text(f"<!doctype html><meta charset='utf-8'><title>cai report</title>{banner}"
-                    f"<pre style='white-space:pre-wrap'>{html.escape(markdown)}</pre>{images}")
+    path.write_text(f"<!doctype html><meta charset='utf-8'><title>cai report</title>{banner}{body}")
 
 
 def rebuild(run_dir: str | Path) -> tuple[Path, bool]:

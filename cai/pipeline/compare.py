@@ -124,20 +124,21 @@ def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: lis
 # --------------------------------------------------------------------------- results
 
 PAIRS = (("base", "sft"), ("base", "dpo"), ("sft", "dpo"))
+# Training vs prompting: the trained models in the training format against the base model
+# given few-shot examples in the same format, on the same items ((suite, model) pairs).
+PROMPTING_PAIRS = ((("fewshot_baseline", "base"), ("primary", "sft")), (("fewshot_baseline", "base"), ("primary", "dpo")))
 CEILING = 0.9  # base prompt-level accuracy at or above this leaves training little to show
 LENGTH_CONFOUND_CORR = 0.3
 LENGTH_FAMILY = "length_constraints:"
+ARTIFACT_RATE = 0.10  # truncated or empty responses above this share of a (suite, model) are warned
+CLUSTERING = ("the item's `cluster` field, else its instruction-id list joined with '+' "
+              "(the template family: the shipped Stage-1 set writes each family from one or two templates)")
 
 
-def _bootstrap_mean_ci(values: list[int], resamples: int, seed: int) -> tuple[float, float]:
-    import numpy as np
-
-    if not values:
-        return (0.0, 0.0)
-    rng = np.random.default_rng(seed)
-    arr = np.asarray(values, dtype=float)
-    means = arr[rng.integers(0, len(arr), size=(resamples, len(arr)))].mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+def cluster_of(item: dict) -> str:
+    """The unit the bootstrap resamples: items of one template are near-duplicates and
+    pass or fail together, so they count as one draw, not as independent evidence."""
+    return str(item.get("cluster") or "+".join(item["instruction_id_list"]))
 
 
 def _length_confound(scored: list[dict], responses: dict[Any, str]) -> dict[str, Any]:
@@ -157,12 +158,107 @@ def _length_confound(scored: list[dict], responses: dict[Any, str]) -> dict[str,
             "warning": abs(corr) >= LENGTH_CONFOUND_CORR}
 
 
-def summarize(cfg: RunConfig, items: list[dict], responses: list[dict]) -> dict[str, Any]:
-    """Canonical scores per (suite, model), paired statistics between models, and the
-    diagnostics that make scoring artifacts visible: discordant items, length confound,
-    base-model ceiling."""
+def _is_artifact(row: dict) -> bool:
+    """A response that hit the token cap or is empty: a fail it earned by being cut, not by
+    ignoring the instruction."""
+    return row["stop_reason"] == "length" or not row["response"].strip()
+
+
+def _model_scores(cfg: RunConfig, by_key: dict, rows: list[dict]) -> tuple[dict[str, Any], dict[Any, dict]]:
+    """One (suite, model): IFEval accuracies with cluster-bootstrap CIs and their N, per
+    instruction type with N and CI, and the truncation / empty-response rates."""
     from cai.pipeline.evaluate import score
+    from cai.pipeline.stats import bootstrap_mean_ci
+
+    report = score([by_key[r["key"]] for r in rows], [{"key": r["key"], "prompt": by_key[r["key"]]["prompt"],
+                                                        "response": r["response"]} for r in rows])
+    texts = {r["key"]: r["response"] for r in rows}
+    boot = {"n_resamples": cfg.eval.bootstrap_resamples, "seed": cfg.seed}
+    clusters = [cluster_of(by_key[it["key"]]) for it in report.items]
+    strict = [int(it["prompt_level_strict"]) for it in report.items]
+    _, lo, hi = bootstrap_mean_ci(strict, clusters=clusters, **boot)
+    inst = [(int(ok), c, iid) for it, c in zip(report.items, clusters)
+            for iid, ok in zip(it["instruction_id_list"], it["follow_instruction_list_strict"])]
+    _, ilo, ihi = bootstrap_mean_ci([v for v, _, _ in inst], clusters=[c for _, c, _ in inst], **boot)
+    per_instruction = {}
+    for iid, p in report.per_instruction.items():
+        # Within one type the template is (nearly) constant, so its items are resampled.
+        _, tlo, thi = bootstrap_mean_ci([v for v, _, t in inst if t == iid], **boot)
+        per_instruction[iid] = {**p, "strict_ci": [tlo, thi]}
+    n = len(rows)
+    truncated = sum(r["stop_reason"] == "length" for r in rows)
+    empty = sum(not r["response"].strip() for r in rows)
+    out = {
+        "n": report.n_prompts, "n_clusters": len(set(clusters)),
+        "prompt_level_strict": report.prompt_level_strict, "prompt_level_strict_ci": [lo, hi],
+        "n_instructions": report.n_instructions,
+        "instruction_level_strict": report.instruction_level_strict, "instruction_level_strict_ci": [ilo, ihi],
+        "prompt_level_loose": report.prompt_level_loose,
+        "instruction_level_loose": report.instruction_level_loose,
+        "per_instruction": per_instruction,
+        "mean_response_chars": round(sum(map(len, texts.values())) / max(len(texts), 1), 1),
+        "stop_reasons": dict(sorted(_count(r["stop_reason"] for r in rows).items())),
+        "n_truncated": truncated, "truncated_rate": truncated / n if n else 0.0,
+        "n_empty": empty, "empty_rate": empty / n if n else 0.0,
+        "length_confound": _length_confound(report.items, texts),
+    }
+    raw = {r["key"]: r for r in rows}
+    return out, {it["key"]: {**it, "response": texts[it["key"]], "artifact": _is_artifact(raw[it["key"]])}
+                 for it in report.items}
+
+
+def _sentence(a: tuple[str, str], b: tuple[str, str], diff: float, lo: float, hi: float, p_holm: float) -> str:
+    """What one comparison means, in one sentence."""
+    what = (f"{b[1]} ({b[0]}) vs {a[1]} ({a[0]})" if a[0] != b[0] else f"{b[1]} vs {a[1]} ({a[0]})")
+    if lo > 0 and p_holm < 0.05:
+        verdict = f"{b[1]} is better"
+    elif hi < 0 and p_holm < 0.05:
+        verdict = f"{b[1]} is worse"
+    else:
+        verdict = "no difference is established"
+    question = " — did training beat prompting?" if a[0] == "fewshot_baseline" else ""
+    return (f"{what}{question} {verdict}: {diff:+.3f} (95% cluster CI [{lo:+.3f}, {hi:+.3f}], "
+            f"Holm-adjusted McNemar p = {p_holm:.3g}).")
+
+
+def _compare(cfg: RunConfig, by_key: dict, per_item: dict, a: tuple[str, str], b: tuple[str, str]) -> dict[str, Any]:
     from cai.pipeline.stats import mcnemar_exact, paired_bootstrap_ci
+
+    ia_all, ib_all = per_item[a], per_item[b]
+    keys = sorted(set(ia_all) & set(ib_all), key=str)
+    xa = [int(ia_all[k]["prompt_level_strict"]) for k in keys]
+    xb = [int(ib_all[k]["prompt_level_strict"]) for k in keys]
+    clusters = [cluster_of(by_key[k]) for k in keys]
+    diff, lo, hi = paired_bootstrap_ci(xb, xa, n_resamples=cfg.eval.bootstrap_resamples, seed=cfg.seed,
+                                       clusters=clusters)
+    b01, b10, p = mcnemar_exact(xa, xb)
+    discordant = []
+    for k, va, vb in zip(keys, xa, xb):
+        if va != vb:
+            ia, ib = ia_all[k], ib_all[k]
+            deciding = [iid for iid, sa, sb in zip(ia["instruction_id_list"], ia["follow_instruction_list_strict"],
+                                                   ib["follow_instruction_list_strict"]) if sa != sb]
+            loser = ia if vb else ib
+            discordant.append({"key": k, "instruction": by_key[k]["instruction"], "deciding_checks": deciding,
+                               f"{a[1]}_pass": bool(va), f"{b[1]}_pass": bool(vb),
+                               f"{a[1]}_response": ia["response"], f"{b[1]}_response": ib["response"],
+                               "loser_truncated_or_empty": loser["artifact"]})
+    return {"suite": a[0] if a[0] == b[0] else f"{a[0]}→{b[0]}", "a_suite": a[0], "b_suite": b[0],
+            "a": a[1], "b": b[1], "kind": "prompting" if a[0] != b[0] else "training",
+            "n": len(keys), "n_clusters": len(set(clusters)), "metric": "prompt_level_strict",
+            "diff_b_minus_a": diff, "ci95": [lo, hi], "mcnemar_p": p,
+            "a_only_pass": b10, "b_only_pass": b01,
+            "discordant_truncated_or_empty": sum(d["loser_truncated_or_empty"] for d in discordant),
+            "discordant": discordant}
+
+
+def summarize(cfg: RunConfig, items: list[dict], responses: list[dict]) -> dict[str, Any]:
+    """Canonical scores per (suite, model) with cluster-bootstrap CIs, paired comparisons
+    (within each suite, and trained models against the few-shot base: training vs
+    prompting) with Holm-adjusted McNemar p-values over all of them, and the diagnostics
+    that make scoring artifacts visible: discordant items, length confound, ceiling,
+    truncated and empty responses."""
+    from cai.pipeline.stats import holm
 
     by_key = {it["key"]: it for it in items}
     grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -171,59 +267,47 @@ def summarize(cfg: RunConfig, items: list[dict], responses: list[dict]) -> dict[
     scores: dict[str, dict[str, Any]] = defaultdict(dict)
     per_item: dict[tuple[str, str], dict[Any, dict]] = {}
     for (suite, model), rows in sorted(grouped.items()):
-        report = score([by_key[r["key"]] for r in rows], [{"key": r["key"], "prompt": by_key[r["key"]]["prompt"],
-                                                            "response": r["response"]} for r in rows])
-        texts = {r["key"]: r["response"] for r in rows}
-        strict = [int(it["prompt_level_strict"]) for it in report.items]
-        lo, hi = _bootstrap_mean_ci(strict, cfg.eval.bootstrap_resamples, cfg.seed)
-        scores[suite][model] = {
-            "n": report.n_prompts,
-            "prompt_level_strict": report.prompt_level_strict, "prompt_level_strict_ci": [lo, hi],
-            "instruction_level_strict": report.instruction_level_strict,
-            "prompt_level_loose": report.prompt_level_loose,
-            "instruction_level_loose": report.instruction_level_loose,
-            "per_instruction": report.per_instruction,
-            "mean_response_chars": round(sum(map(len, texts.values())) / max(len(texts), 1), 1),
-            "stop_reasons": dict(sorted(_count(r["stop_reason"] for r in rows).items())),
-            "length_confound": _length_confound(report.items, texts),
-        }
-        per_item[(suite, model)] = {it["key"]: {**it, "response": texts[it["key"]]} for it in report.items}
+        scores[suite][model], per_item[(suite, model)] = _model_scores(cfg, by_key, rows)
 
-    comparisons = []
-    for suite in scores:
-        for a, b in PAIRS:
-            if (suite, a) not in per_item or (suite, b) not in per_item:
-                continue
-            keys = sorted(set(per_item[(suite, a)]) & set(per_item[(suite, b)]), key=str)
-            xa = [int(per_item[(suite, a)][k]["prompt_level_strict"]) for k in keys]
-            xb = [int(per_item[(suite, b)][k]["prompt_level_strict"]) for k in keys]
-            diff, lo, hi = paired_bootstrap_ci(xb, xa, n_resamples=cfg.eval.bootstrap_resamples, seed=cfg.seed)
-            b01, b10, p = mcnemar_exact(xa, xb)
-            discordant = []
-            for k, va, vb in zip(keys, xa, xb):
-                if va != vb:
-                    ia, ib = per_item[(suite, a)][k], per_item[(suite, b)][k]
-                    deciding = [iid for iid, sa, sb in zip(ia["instruction_id_list"], ia["follow_instruction_list_strict"],
-                                                           ib["follow_instruction_list_strict"]) if sa != sb]
-                    discordant.append({"key": k, "instruction": by_key[k]["instruction"], "deciding_checks": deciding,
-                                       f"{a}_pass": bool(va), f"{b}_pass": bool(vb),
-                                       f"{a}_response": ia["response"], f"{b}_response": ib["response"]})
-            comparisons.append({"suite": suite, "a": a, "b": b, "n": len(keys), "metric": "prompt_level_strict",
-                                "diff_b_minus_a": diff, "ci95": [lo, hi], "mcnemar_p": p,
-                                "a_only_pass": b10, "b_only_pass": b01, "discordant": discordant})
+    specs = [((suite, a), (suite, b)) for suite in scores for a, b in PAIRS]
+    comparisons = [_compare(cfg, by_key, per_item, a, b) for a, b in specs + list(PROMPTING_PAIRS)
+                   if a in per_item and b in per_item]
+    for c, p_holm in zip(comparisons, holm([c["mcnemar_p"] for c in comparisons])):
+        c["mcnemar_p_holm"] = p_holm
+        c["sentence"] = _sentence((c["a_suite"], c["a"]), (c["b_suite"], c["b"]), c["diff_b_minus_a"],
+                                  *c["ci95"], p_holm)
+    return {"metric": "prompt_level_strict (IFEval checkers, lm-eval)", "scores": scores,
+            "comparisons": comparisons, "warnings": _warnings(scores, comparisons), "n_items": len(items),
+            "clustering": {"by": CLUSTERING, "n_clusters": len({cluster_of(it) for it in items})},
+            "multiplicity": f"Holm step-down over all {len(comparisons)} McNemar tests of this report"}
 
+
+def _warnings(scores: dict[str, dict[str, Any]], comparisons: list[dict]) -> list[str]:
     warnings = []
-    base_primary = scores.get("primary", {}).get("base")
-    if base_primary and base_primary["prompt_level_strict"] >= CEILING:
-        warnings.append(f"ceiling: the base model already scores {base_primary['prompt_level_strict']:.1%} under the "
-                        "training format; training has little room to show an effect (compare raw_probe and fewshot_baseline)")
+    for suite, models in scores.items():
+        base = models.get("base")
+        if base and base["prompt_level_strict"] >= CEILING:
+            warnings.append(f"ceiling ({suite}): the base model already scores {base['prompt_level_strict']:.1%}; "
+                            "training has little room to show an effect")
     for suite, models in scores.items():
         for model, s in models.items():
             if s["length_confound"]["warning"]:
                 warnings.append(f"length confound ({suite}/{model}): pass/fail correlates with response length "
                                 f"(r = {s['length_confound']['corr']}) on items with no length constraint")
-    return {"metric": "prompt_level_strict (IFEval checkers, lm-eval)", "scores": scores,
-            "comparisons": comparisons, "warnings": warnings, "n_items": len(items)}
+            for key, what in (("truncated", "hit max_new_tokens (a cut answer fails most checks)"),
+                              ("empty", "are empty (each scores as a fail)")):
+                if s[f"{key}_rate"] > ARTIFACT_RATE:
+                    warnings.append(f"{key} ({suite}/{model}): {s[f'n_{key}']} of {s['n']} responses {what}; "
+                                    f"{s[f'{key}_rate']:.0%} > {ARTIFACT_RATE:.0%}")
+    for c in comparisons:
+        n_disc = len(c["discordant"])
+        if n_disc and c["discordant_truncated_or_empty"] * 2 > n_disc:
+            warnings.append(f"truncation-driven ({c['suite']} {c['a']} vs {c['b']}): in {c['discordant_truncated_or_empty']} "
+                            f"of {n_disc} discordant items the failing response was truncated or empty")
+        if c["kind"] == "prompting" and c["diff_b_minus_a"] < 0:
+            warnings.append(f"prompting beats training: few-shot base ({c['a_suite']}) scores {-c['diff_b_minus_a']:.3f} "
+                            f"above {c['b']} ({c['b_suite']}) on the same {c['n']} items")
+    return warnings
 
 
 def _count(values) -> dict[str, int]:

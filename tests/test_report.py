@@ -1,0 +1,222 @@
+"""Evaluation results and the run report: clustered CIs, Holm over every comparison,
+training vs prompting, truncation rates, and a report that leads with the verdict.
+
+Responses are scored by the real IFEval checkers on items of the shipped Stage-1 set;
+the report is built from real artifact directories written by the store."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from cai.config import RunConfig
+from cai.harness.report import _clip, build_report
+from cai.pipeline.compare import cluster_of, load_eval_set, summarize
+from cai.pipeline.stats import holm, paired_bootstrap_ci
+
+PASS, FAIL = "a calm day by the sea.", "A Calm, Grey Day."  # pass / fail both lowercase and no-comma items
+
+
+@pytest.fixture(scope="module")
+def items():
+    wanted = {("change_case:english_lowercase",), ("punctuation:no_comma",)}
+    return [it for it in load_eval_set("stage1") if tuple(it["instruction_id_list"]) in wanted]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return RunConfig.model_validate({"name": "t", "model": {"source": "tiny-random"}, "eval": {"bootstrap_resamples": 2000}})
+
+
+def _responses(items, suite, model, passes, stop=lambda i, ok: "eos"):
+    return [{"suite": suite, "model": model, "key": it["key"], "response": PASS if passes(i) else FAIL,
+             "stop_reason": stop(i, passes(i))} for i, it in enumerate(items)]
+
+
+def _run(items, cfg, *, fewshot_passes, sft_stop=lambda i, ok: "eos", sft_empty=False):
+    rows = (_responses(items, "primary", "base", lambda i: i % 4 == 0)
+            + _responses(items, "primary", "sft", lambda i: i % 2 == 0, sft_stop)
+            + _responses(items, "primary", "dpo", lambda i: i % 2 == 0)
+            + _responses(items, "fewshot_baseline", "base", fewshot_passes))
+    if sft_empty:
+        for r in rows:
+            if r["model"] == "sft" and r["response"] == FAIL:
+                r["response"] = ""
+    return summarize(cfg, items, rows)
+
+
+def test_scores_carry_n_clusters_and_clustered_cis(items, cfg):
+    res = _run(items, cfg, fewshot_passes=lambda i: False)
+    assert res["clustering"]["n_clusters"] == 2
+    sft = res["scores"]["primary"]["sft"]
+    assert sft["n"] == 20 and sft["n_clusters"] == 2 and sft["n_instructions"] == 20
+    assert sft["prompt_level_strict"] == 0.5
+    lo, hi = sft["prompt_level_strict_ci"]
+    assert lo <= 0.5 <= hi
+    assert all("strict_ci" in v and v["n"] == 10 for v in sft["per_instruction"].values())
+    c = next(c for c in res["comparisons"] if (c["suite"], c["a"], c["b"]) == ("primary", "base", "sft"))
+    keys = sorted((it["key"] for it in items), key=str)
+    by_key = {it["key"]: it for it in items}
+    order = {it["key"]: i for i, it in enumerate(items)}
+    xa = [int(order[k] % 4 == 0) for k in keys]
+    xb = [int(order[k] % 2 == 0) for k in keys]
+    expected = paired_bootstrap_ci(xb, xa, n_resamples=2000, seed=cfg.seed, clusters=[cluster_of(by_key[k]) for k in keys])
+    assert (c["diff_b_minus_a"], *c["ci95"]) == pytest.approx(expected)
+    assert c["n_clusters"] == 2
+
+
+def test_holm_covers_every_comparison_and_training_vs_prompting_is_asked(items, cfg):
+    res = _run(items, cfg, fewshot_passes=lambda i: False)
+    kinds = [(c["a_suite"], c["a"], c["b_suite"], c["b"]) for c in res["comparisons"]]
+    assert ("fewshot_baseline", "base", "primary", "sft") in kinds
+    assert ("fewshot_baseline", "base", "primary", "dpo") in kinds
+    assert [c["mcnemar_p_holm"] for c in res["comparisons"]] == holm([c["mcnemar_p"] for c in res["comparisons"]])
+    assert str(len(res["comparisons"])) in res["multiplicity"]
+    assert all(c["sentence"].endswith(".") for c in res["comparisons"])
+    assert not any("prompting beats training" in w for w in res["warnings"])  # control: few-shot base fails all
+
+
+def test_warns_when_few_shot_base_beats_a_trained_model(items, cfg):
+    res = _run(items, cfg, fewshot_passes=lambda i: i % 5 != 0)  # 16 of 20 vs SFT / DPO 10 of 20
+    hits = [w for w in res["warnings"] if w.startswith("prompting beats training")]
+    assert len(hits) == 2 and any("sft" in w for w in hits) and any("dpo" in w for w in hits)
+
+
+def test_truncation_and_empty_rates_warn_above_ten_percent(items, cfg):
+    quiet = _run(items, cfg, fewshot_passes=lambda i: False)
+    s = quiet["scores"]["primary"]["sft"]
+    assert (s["n_truncated"], s["truncated_rate"], s["n_empty"], s["empty_rate"]) == (0, 0.0, 0, 0.0)
+    assert not any(w.startswith(("truncated", "empty", "truncation-driven")) for w in quiet["warnings"])
+
+    cut = _run(items, cfg, fewshot_passes=lambda i: False, sft_stop=lambda i, ok: "eos" if ok else "length", sft_empty=True)
+    s = cut["scores"]["primary"]["sft"]
+    assert (s["n_truncated"], s["truncated_rate"], s["n_empty"], s["empty_rate"]) == (10, 0.5, 10, 0.5)
+    assert any(w.startswith("truncated (primary/sft)") for w in cut["warnings"])
+    assert any(w.startswith("empty (primary/sft)") for w in cut["warnings"])
+    # SFT's cut failures are on items base fails too: they decide no comparison
+    c = next(c for c in cut["comparisons"] if (c["suite"], c["a"], c["b"]) == ("primary", "base", "sft"))
+    assert c["discordant_truncated_or_empty"] == 0  # base fails where SFT passes: nothing cut
+    assert not any(w.startswith("truncation-driven (primary base vs sft)") for w in cut["warnings"])
+    c = next(c for c in cut["comparisons"] if (c["suite"], c["a"], c["b"]) == ("primary", "sft", "dpo"))
+    assert c["discordant"] == []
+
+
+def test_truncation_driven_discordance_is_warned(items, cfg):
+    rows = (_responses(items, "primary", "base", lambda i: True, lambda i, ok: "eos")
+            + _responses(items, "primary", "sft", lambda i: i % 2 == 0, lambda i, ok: "eos" if ok else "length"))
+    res = summarize(cfg, items, rows)
+    c = next(c for c in res["comparisons"] if (c["a"], c["b"]) == ("base", "sft"))
+    assert c["discordant_truncated_or_empty"] == len(c["discordant"]) == 10
+    assert any(w.startswith("truncation-driven (primary base vs sft)") for w in res["warnings"])
+
+
+@pytest.mark.parametrize("text,limit", [("word " * 100, 42), ("a" * 50 + " tail", 30), ("short | cell\nline", 300)])
+def test_clip_never_cuts_mid_word(text, limit):
+    out = _clip(text, limit)
+    flat = " ".join(text.split()).replace("|", "\\|")
+    if len(flat) <= limit:
+        assert out == flat
+    else:
+        body = out.removesuffix(" …")
+        assert out.endswith(" …") and len(body) <= limit
+        assert flat.startswith(body) and (flat[len(body)] == " " or " " not in flat[:limit])
+
+
+def _artifact(run: Path, stage: str, invariants, extra=None):
+    from cai.invariants.base import Result, Severity, Status
+    from cai.pipeline.store import ArtifactWriter
+
+    w = ArtifactWriter(run / stage, stage, config_hash="x", seed=0, inputs=[])
+    w.extend([{"id": "r0"}])
+    w.finalize(invariants=[Result(n, Status(s), Severity(sev), ev) for n, s, sev, ev in invariants],
+               model={"source": "tiny-random"}, extra=extra)
+
+
+def _png(path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 0.5])
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    dpo_warn = ("training_truncation", "warn", "warning", "5 of 58 records exceed max_length=128")
+    _artifact(run, "dpo", [("record_schema", "pass", "error", "ok"), dpo_warn])
+    _png(run / "dpo" / "loss_curve.png")
+    lm = {m: {"tasks": {"cai_stage1_gen": {"metrics": {"prompt_level_strict_acc": acc}, "n": 8}},
+              "invariants": [{"name": "lmeval_prompt_parity", "status": "pass", "severity": "error", "evidence": "same"}]}
+          for m, acc in (("base", 0.375), ("sft", 0.25), ("dpo", 0.5))}
+    _artifact(run, "eval", [("lmeval_prompt_parity", "pass", "error", "same")] * 3, extra={"lm_eval": lm})
+    return run
+
+
+def _invariants(failing=False):
+    rows = [{"where": "run", "name": "run_index_consistent", "status": "pass", "severity": "error", "evidence": "ok"},
+            {"where": "eval/primary/sft", "name": "no_length_confound", "status": "pass", "severity": "warning", "evidence": "r=0.1"}]
+    rows += [{"where": "eval", "name": "lmeval_prompt_parity[recorded]", "status": "pass", "severity": "error", "evidence": "same"}] * 3
+    if failing:
+        rows.append({"where": "sft", "name": "weights_as_declared", "status": "fail", "severity": "error", "evidence": "bad weights"})
+    return rows
+
+
+def test_report_leads_with_verdict_and_results_then_invariants(run_dir, items, cfg):
+    results = _run(items, cfg, fewshot_passes=lambda i: i % 5 != 0)
+    md = build_report(run_dir, _invariants(), results).read_text()
+    lines = md.splitlines()
+    assert lines[0].startswith("**VALID**") and "sft 0.500" in lines[0] and "N = 20" in lines[0]
+    pos = {h: md.index(h) for h in ("## Results", "### Paired comparisons", "Holm", "### Did training beat prompting?",
+                                    "## Warnings", "## Invariants", "## Provenance")}
+    assert pos["## Results"] < pos["## Warnings"] < pos["## Invariants"] < pos["## Provenance"]
+    assert "**Few-shot base beats sft and dpo**" in md
+    # the training warning recorded in the dpo manifest reaches the Warnings section
+    warnings = md[pos["## Warnings"]:md.index("\n## ", pos["## Warnings"] + 1)]
+    assert "training_truncation" in warnings and "prompting beats training" in warnings
+    # per-model rows name their model; the lm-eval table shows N and a sentence on direction
+    inv = md[pos["## Invariants"]:]
+    assert [m for m in ("base", "sft", "dpo") if f"| eval | {m} | `lmeval_prompt_parity[recorded]`" in inv] == ["base", "sft", "dpo"]
+    assert "| eval | primary/sft | `no_length_confound`" in inv
+    assert "| base | cai_stage1_gen | 8 | prompt_level_strict_acc | 0.375 |" in md
+    assert "base → sft: lm-eval -0.125 on 8 items, cai +0.250 on 20 (OPPOSITE direction)" in md
+    # images resolve relative to report.md
+    report_dir = run_dir / "reports"
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert "../dpo/loss_curve.png" in links
+    assert all((report_dir / link).is_file() for link in links)
+    html = (report_dir / "report.html").read_text()
+    assert "<details open><summary>Failures and warnings" in html and "<details><summary>eval:" in html
+    assert html.count("data:image/png;base64,") == len(links)
+    assert (report_dir / "results.json").is_file()
+    assert not os.path.isabs(links[0])
+
+
+def test_void_report_first_line_is_the_verdict_and_shows_no_results(run_dir, items, cfg):
+    results = _run(items, cfg, fewshot_passes=lambda i: False)
+    md = build_report(run_dir, _invariants(failing=True), results).read_text()
+    assert md.splitlines()[0].startswith("**VOID**") and "weights_as_declared (sft)" in md.splitlines()[0]
+    assert "## Results" not in md and not (run_dir / "reports" / "results.json").exists()
+    inv = md[md.index("## Invariants"):]
+    assert inv.index("weights_as_declared") < inv.index("run_index_consistent")  # failures first
+
+
+def test_preflight_projection_prints_as_a_table(run_dir, cfg):
+    from cai.audit.preflight import projection, projection_table
+
+    p = projection(cfg, run_dir, sample=4, target=400)
+    lines = projection_table(p)
+    assert lines[0] == "| stage | items (rehearsal) | measured rate | projected hours at 400 |"
+    assert all(line.startswith("|") and line.endswith("|") for line in lines)
+    assert any(line.startswith("| dpo | 1 | ") and "s/step" in line for line in lines)
+    assert any(line.startswith("| eval | 1 | ") and "not projected" in line for line in lines)
+    assert lines[-1] == f"| **total** | | | **{p['projected_hours']['total']:.2f}** |"
+    assert not any("{" in line for line in lines)
