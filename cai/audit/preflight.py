@@ -108,6 +108,26 @@ def projection(cfg: RunConfig, run_dir: Path, sample: int, target: int) -> dict[
     }
 
 
+def projection_table(p: dict[str, Any]) -> list[str]:
+    """The projection as a markdown table: stage, items measured, measured rate, projected
+    hours at the target (data stages scale per item, training per step; eval is not projected)."""
+    lines = [f"| stage | items (rehearsal) | measured rate | projected hours at {p['target']} |", "|---|---|---|---|"]
+    scale = p["target"] / p["sample"]
+    for stage, s in p["stages"].items():
+        seconds, records = s["seconds"], s["records"]
+        if stage in ("sft", "dpo"):
+            rate, hours = f"{seconds / 2:.2f} s/step", "see training"
+        elif stage == "eval":
+            rate, hours = f"{seconds / max(records, 1):.2f} s/response", "not projected"
+        else:
+            rate, hours = f"{seconds / max(records, 1):.2f} s/item", f"{seconds * scale / 3600:.2f}"
+        lines.append(f"| {stage} | {records} | {rate} | {hours} |")
+    h = p["projected_hours"]
+    lines += [f"| data (total) | | | {h['data']:.2f} |", f"| training (sft + dpo) | | | {h['training']:.2f} |",
+              f"| **total** | | | **{h['total']:.2f}** |"]
+    return lines
+
+
 def cli_main(args) -> int:
     from cai.pipeline.runner import check_output_path, check_runnable, log, run_pipeline, stage_fault
 
@@ -147,10 +167,12 @@ def cli_main(args) -> int:
         md += ["", f"Rehearsal: {report['rehearsal_error']}"]
     if "projection" in report:
         p = report["projection"]
-        md += ["", f"## Projection for {args.target} examples", "", f"Hours: {p['projected_hours']}", ""]
+        md += ["", f"## Projection for {args.target} examples", ""] + projection_table(p) + [""]
         md += [f"- {a}" for a in p["assumptions"]]
     (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
     for r in rows:
         log(f"{'pass' if r.passed else 'FAIL'}  {r.requirement}: {r.observed}")
+    if "projection" in report:
+        print("\n".join(projection_table(report["projection"])))
     log(f"preflight {'PASS' if report['passed'] else 'FAIL'}: {out_dir / (name + '.md')}")
     return 0 if report["passed"] else 1
