@@ -74,7 +74,7 @@ def _plots(run_dir: Path, results: dict[str, Any] | None) -> dict[str, Path]:
             ax.bar(names, acc, yerr=err, capsize=4, color="#4c72b0")
             ax.set_ylim(0, 1)
             ax.set_ylabel("prompt-level strict accuracy")
-            ax.set_title(f"{suite} (95% bootstrap CI)")
+            ax.set_title(f"{suite} (95% cluster bootstrap CI, N = {next(iter(models.values()))['n']})")
             fig.tight_layout()
             made[f"accuracy_{suite}"] = out / f"accuracy_{suite}.png"
             fig.savefig(made[f"accuracy_{suite}"], dpi=100)
@@ -87,7 +87,8 @@ def _plots(run_dir: Path, results: dict[str, Any] | None) -> dict[str, Path]:
             for k, (model, s) in enumerate(primary.items()):
                 vals = [s["per_instruction"].get(i, {}).get("strict", 0.0) for i in ids]
                 ax.barh([y + k * width for y in range(len(ids))], vals, height=width, label=model)
-            ax.set_yticks([y + 0.4 - width / 2 for y in range(len(ids))], ids, fontsize=7)
+            n_per = {i: next(s["per_instruction"][i]["n"] for s in primary.values() if i in s["per_instruction"]) for i in ids}
+            ax.set_yticks([y + 0.4 - width / 2 for y in range(len(ids))], [f"{i} (N={n_per[i]})" for i in ids], fontsize=7)
             ax.set_xlim(0, 1)
             ax.set_xlabel("instruction-level strict accuracy")
             ax.legend(fontsize=7)
