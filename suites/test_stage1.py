@@ -57,6 +57,10 @@ def test_scoring_artifact_diagnostics(results, cai_gate):
             cai_gate.record(Result("responses_not_cut", Status.WARN if over else Status.PASS, Severity.WARN,
                                    f"{suite}/{model}: {s['n_truncated']} of {s['n']} hit max_new_tokens, {s['n_empty']} "
                                    f"empty (warning above {ARTIFACT_RATE:.0%})"), subject=f"eval/{suite}/{model}")
+            lr = s["length_rule"]
+            cai_gate.record(Result("length_does_not_decide", Status.WARN if lr["warning"] else Status.PASS, Severity.WARN,
+                                   f"{suite}/{model}: best length rule ({lr.get('rule', 'n/a')}) matches {lr['accuracy']} "
+                                   f"of {lr['n']} verdicts, majority guess {lr['majority']}"), subject=f"eval/{suite}/{model}")
             lc = s["length_confound"]
             cai_gate.record(Result("no_length_confound", Status.WARN if lc["warning"] else Status.PASS, Severity.WARN,
                                    f"{suite}/{model}: corr(pass, chars) = {lc['corr']} over {lc['n']} items "

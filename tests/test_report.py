@@ -219,3 +219,32 @@ def test_preflight_projection_prints_as_a_table(run_dir, cfg):
     assert any(line.startswith("| eval | 1 | ") and "not projected" in line for line in lines)
     assert lines[-1] == f"| **total** | | | **{p['projected_hours']['total']:.2f}** |"
     assert not any("{" in line for line in lines)
+
+
+LONG_OK = "a calm day by the sea where the waves roll in and the gulls call over the quiet sand all morning."
+
+
+def test_length_rule_fires_when_a_length_heuristic_decides_and_stays_quiet_otherwise(items, cfg):
+    """The 81% -> 99.3% failure: every long correct answer of the base model failed (here:
+    long answers carry a comma, short ones none). Length alone then predicts every verdict."""
+    def rows(model, long_fails):
+        out = []
+        for i, it in enumerate(items):
+            long = i % 2 == 0
+            text = (LONG_OK.replace("waves", "Waves,") if long_fails else LONG_OK) if long else PASS
+            out.append({"suite": "primary", "model": model, "key": it["key"], "response": text, "stop_reason": "eos"})
+        return out
+
+    bad = summarize(cfg, items, rows("base", long_fails=True))["scores"]["primary"]["base"]["length_rule"]
+    assert bad["accuracy"] == 1.0 and bad["majority"] == 0.5 and bad["warning"]
+    assert bad["rule"].startswith("pass iff < ")
+
+    def failing(text):  # same length, fails both checks: a capital and a comma
+        return text[0].upper() + text[1:-1] + ","
+
+    mixed = [{"suite": "primary", "model": "base", "key": it["key"], "stop_reason": "eos",
+              "response": [PASS, failing(PASS), LONG_OK, failing(LONG_OK)][i % 4]} for i, it in enumerate(items)]
+    res = summarize(cfg, items, mixed)
+    quiet = res["scores"]["primary"]["base"]["length_rule"]
+    assert quiet["accuracy"] - quiet["majority"] < 0.25 and not quiet["warning"]
+    assert not any(w.startswith("length predicts the verdict") for w in res["warnings"])

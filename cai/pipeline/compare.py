@@ -158,6 +158,35 @@ def _length_confound(scored: list[dict], responses: dict[Any, str]) -> dict[str,
             "warning": abs(corr) >= LENGTH_CONFOUND_CORR}
 
 
+LENGTH_RULE_MIN_N = 10
+LENGTH_RULE_LIFT = 0.25  # a length threshold that beats always-guess-the-majority by this much is warned
+
+
+def _length_rule(passed: list[int], chars: list[int]) -> dict[str, Any]:
+    """How well the best single threshold on response length predicts the verdicts (pass
+    iff shorter than t, or iff at least t), against guessing the majority verdict. A
+    scorer that fails every long answer, or verdicts decided by truncation, make length
+    alone a near-perfect predictor."""
+    import numpy as np
+
+    y, x = np.asarray(passed, dtype=int), np.asarray(chars, dtype=float)
+    n = y.size
+    majority = max(int(y.sum()), n - int(y.sum())) / n if n else 0.0
+    if n < LENGTH_RULE_MIN_N or len(set(passed)) < 2:
+        return {"n": n, "accuracy": None, "majority": round(majority, 3), "warning": False}
+    thresholds = np.unique(x)
+    shorter = (x[None, :] < thresholds[:, None]).astype(int)  # rule: pass iff len < t
+    acc_short = (shorter == y).mean(axis=1)
+    acc_long = (1 - shorter == y).mean(axis=1)
+    best = int(np.argmax(np.maximum(acc_short, acc_long)))
+    accuracy = float(max(acc_short[best], acc_long[best]))
+    rule = ("none beats the majority" if accuracy <= majority else
+            f"pass iff < {int(thresholds[best])} chars" if acc_short[best] >= acc_long[best]
+            else f"pass iff >= {int(thresholds[best])} chars")
+    return {"n": n, "accuracy": round(accuracy, 3), "rule": rule, "majority": round(majority, 3),
+            "warning": accuracy - majority >= LENGTH_RULE_LIFT}
+
+
 def _is_artifact(row: dict) -> bool:
     """A response that hit the token cap or is empty: a fail it earned by being cut, not by
     ignoring the instruction."""
@@ -201,6 +230,7 @@ def _model_scores(cfg: RunConfig, by_key: dict, rows: list[dict]) -> tuple[dict[
         "n_truncated": truncated, "truncated_rate": truncated / n if n else 0.0,
         "n_empty": empty, "empty_rate": empty / n if n else 0.0,
         "length_confound": _length_confound(report.items, texts),
+        "length_rule": _length_rule(strict, [len(texts[it["key"]]) for it in report.items]),
     }
     raw = {r["key"]: r for r in rows}
     return out, {it["key"]: {**it, "response": texts[it["key"]], "artifact": _is_artifact(raw[it["key"]])}
@@ -294,6 +324,10 @@ def _warnings(scores: dict[str, dict[str, Any]], comparisons: list[dict]) -> lis
             if s["length_confound"]["warning"]:
                 warnings.append(f"length confound ({suite}/{model}): pass/fail correlates with response length "
                                 f"(r = {s['length_confound']['corr']}) on items with no length constraint")
+            lr = s["length_rule"]
+            if lr["warning"]:
+                warnings.append(f"length predicts the verdict ({suite}/{model}): the rule '{lr['rule']}' matches "
+                                f"{lr['accuracy']:.0%} of {lr['n']} verdicts, guessing the majority {lr['majority']:.0%}")
             for key, what in (("truncated", "hit max_new_tokens (a cut answer fails most checks)"),
                               ("empty", "are empty (each scores as a fail)")):
                 if s[f"{key}_rate"] > ARTIFACT_RATE:
