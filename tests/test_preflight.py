@@ -25,6 +25,8 @@ def preflight(tmp_path, overrides):
     ({"eval.format": "raw"}, "evaluation in the training format"),
     ({"responses.shots": 0}, "few-shot completion prompting"),
     ({"dpo.beta": 0.5}, "DPO beta in the documented range"),
+    ({"instructions.source": "templates"}, "instructions are model-generated"),
+    ({"model.trust_remote_code": True}, "remote code off"),
 ])
 def test_methodology_violation_fails_with_the_row_named(tmp_path, overrides, row):
     proc, report = preflight(tmp_path, overrides)
@@ -41,3 +43,23 @@ def test_smoke_config_complies():
 
     rows = compliance(load_config("configs/smoke.yaml"))
     assert all(r.passed for r in rows), [r for r in rows if not r.passed]
+
+
+def test_weights_row_reads_the_rehearsal_artifacts(make_run_dir):
+    """The row after the rehearsal passes on artifacts whose loaded weights match the config
+    and fails, naming the mismatch, when a manifest says the model was quantized but its
+    weights were not."""
+    import json as _json
+
+    from cai.audit.preflight import weights_row
+    from cai.config import RunConfig
+
+    run = make_run_dir()
+    cfg = RunConfig.model_validate(_json.loads((run / "run.json").read_text())["config"])
+    assert weights_row(cfg, run).passed
+    manifest = run / "responses" / "manifest.json"
+    data = _json.loads(manifest.read_text())
+    data["model"]["quantization"] = "4bit"
+    manifest.write_text(_json.dumps(data))
+    row = weights_row(cfg, run)
+    assert not row.passed and "quantization declared '4bit', loaded 'none'" in row.observed

@@ -207,3 +207,22 @@ def test_peek_sees_what_a_live_writer_wrote_never_more(tmp_path_factory, n, shar
         assert peek_records(directory) == records
     writer.close()
     assert peek_records(directory / "missing") == []
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path, monkeypatch):
+    import errno
+
+    from cai.pipeline import store
+
+    path = tmp_path / "manifest.json"
+    store.write_json_atomic(path, {"v": 1})
+
+    def full_disk(obj, f, **kw):
+        f.write('{"v": ')
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.json, "dump", full_disk)
+    with pytest.raises(OSError):
+        store.write_json_atomic(path, {"v": 2})
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]

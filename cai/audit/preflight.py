@@ -39,9 +39,8 @@ def compliance(cfg: RunConfig) -> list[Row]:
 
     eval_format = cfg.eval.format or cfg.format
     rows = [
-        Row("instructions are model-generated (or templates, explicitly chosen and labelled)",
-            cfg.instructions.source in ("model", "templates"),
-            f"instructions.source = {cfg.instructions.source}" + (" (labelled in reports)" if cfg.instructions.source == "templates" else "")),
+        Row("instructions are model-generated (the methodology; templates are a labelled fallback, not it)",
+            cfg.instructions.source == "model", f"instructions.source = {cfg.instructions.source}"),
         Row("critic filtering on, with a positive confidence threshold",
             cfg.critic.enabled and cfg.critic.threshold > 0,
             f"critic.enabled = {cfg.critic.enabled}, threshold = {cfg.critic.threshold}, swap = {cfg.critic.swap}"),
@@ -56,12 +55,24 @@ def compliance(cfg: RunConfig) -> list[Row]:
             f"sft r={cfg.sft.lora.r} alpha={cfg.sft.lora.alpha}; dpo r={cfg.dpo.lora.r} alpha={cfg.dpo.lora.alpha}"),
         Row("a generation backend `cai run` drives (hf; vLLM is not wired in)", cfg.generation.backend == "hf",
             f"generation.backend = {cfg.generation.backend}"),
-        Row("quantization as declared, remote code off", not cfg.model.trust_remote_code,
-            f"quantization = {cfg.model.quantization}, dtype = {cfg.model.dtype}, trust_remote_code = {cfg.model.trust_remote_code}"),
+        Row("remote code off", not cfg.model.trust_remote_code, f"trust_remote_code = {cfg.model.trust_remote_code}"),
     ]
     for result in evaluate(offline_invariants(cfg.model), None):
         rows.append(Row(f"offline readiness: {result.name}", result.status.value != "fail", result.evidence))
     return rows
+
+
+def weights_row(cfg: RunConfig, run_dir: Path) -> Row:
+    """After the rehearsal: every artifact's model was loaded with the declared quantization
+    and dtype, as observed on the loaded modules (`weights_as_declared`)."""
+    from cai.invariants.check import find_artifacts
+    from cai.invariants.provenance import WeightsAsDeclared
+
+    results = [WeightsAsDeclared().check(a) for a in find_artifacts(run_dir)]
+    failed = [r for r in results if r.blocking]
+    observed = failed[0].evidence if failed else (results[0].evidence if results else "no artifact was written")
+    return Row(f"weights loaded as declared (quantization {cfg.model.quantization}, dtype {cfg.model.dtype})",
+               bool(results) and not failed, observed)
 
 
 def rehearsal_config(cfg: RunConfig, sample: int) -> RunConfig:
@@ -154,6 +165,8 @@ def cli_main(args) -> int:
                 if (fault := stage_fault(err, cfg, run_dir, args.config)) is None:
                     raise
                 report["rehearsal_error"] = str(fault)
+            rows.append(weights_row(cfg, run_dir))
+            report["compliance"] = [r.to_json() for r in rows]
             report["projection"] = projection(cfg, run_dir, sample, args.target)
     else:
         report["rehearsal_error"] = "skipped: compliance rows failed"
