@@ -104,7 +104,7 @@ class DPOConfig(TrainConfig):
 
 
 class EvalConfig(_Section):
-    sets: list[str] = Field(default_factory=lambda: ["stage1"], description="'stage1' (shipped), 'ifeval', or JSONL paths")
+    sets: list[str] = Field(default_factory=lambda: ["stage1"], description="'stage1' (shipped) or JSONL paths in the IFEval schema (e.g. IFEval's input_data.jsonl); items are keyed by (set, key)")
     limit: int | None = Field(None, gt=0, description="evaluate the first N items of each set")
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(8, gt=0)

@@ -119,3 +119,78 @@ def test_hand_written_answers_per_type(items):
         assert result["prompt_level_strict"], (iid, item["prompt"])
         # an empty answer never follows an instruction
         assert not ev.score_item(item, "")["prompt_level_loose"], iid
+
+
+# --------------------------------------------------------------------------- several sets
+
+
+def _write_set(path: Path, iid: str, n: int = 2) -> str:
+    import json
+
+    path.write_text("".join(json.dumps({"key": k, "prompt": f"Say something about item {k} ({iid}).",
+                                        "instruction_id_list": [iid], "kwargs": [{}]}) + "\n" for k in range(n)))
+    return str(path)
+
+
+@pytest.fixture
+def two_sets(tmp_path) -> list[dict]:
+    """Two eval sets in the IFEval schema that share their keys (0 and 1)."""
+    from cai.pipeline.compare import load_eval_set
+
+    return (load_eval_set(_write_set(tmp_path / "a.jsonl", "punctuation:no_comma"))
+            + load_eval_set(_write_set(tmp_path / "b.jsonl", "change_case:english_lowercase")))
+
+
+def test_eval_records_are_keyed_by_set_and_cover_both_sets(tmp_path, two_sets):
+    """Real generation (tiny-random): one record per (suite, model, set, key), ids naming the
+    set, so a resumed run never takes set b's item 0 for set a's; EvalCoverage counts both."""
+    from cai.config import RunConfig
+    from cai.invariants.artifacts import EvalCoverage, StageRecords
+    from cai.invariants.base import Status
+    from cai.pipeline.compare import generate_eval_responses
+    from cai.pipeline.models import ModelSlot
+    from cai.pipeline.store import ArtifactWriter
+
+    cfg = RunConfig.model_validate({"name": "t", "model": {"source": "tiny-random"},
+                                    "eval": {"suites": ["primary"], "max_new_tokens": 4, "batch_size": 4}})
+    writer = ArtifactWriter(tmp_path / "eval", "eval", config_hash="x", seed=0, inputs=[])
+    with ModelSlot(cfg.model) as slot:
+        generate_eval_responses(cfg, slot, two_sets, ["base"], writer)
+    ids = [r["id"] for r in writer.done]
+    assert sorted(ids) == sorted(f"primary/base/{it['eval_set']}/{it['key']}" for it in two_sets)
+    assert len(set(ids)) == 4
+    sets = {it["eval_set"] for it in two_sets}
+    check = EvalCoverage({s: {0, 1} for s in sets}, {"primary": ("base",)})
+    assert check.check(StageRecords("eval", writer.done)).status == Status.PASS
+    assert check.check(StageRecords("eval", writer.done[:3])).status == Status.FAIL
+
+
+def test_prompt_parity_keys_items_by_set(two_sets):
+    """Identical prompts given in a different order pass; keyed by `key` alone, set a's and
+    set b's item 0 tie and the order of the tie changed the hash (a false failure)."""
+    from cai.invariants.base import Status
+    from cai.invariants.parity import PromptsIdenticalAcrossModels
+
+    def recs(model, items):
+        return [{"suite": "primary", "model": model, "eval_set": it["eval_set"], "key": it["key"],
+                 "prompt": it["prompt"]} for it in items]
+
+    same = recs("base", two_sets) + recs("sft", list(reversed(two_sets)))
+    assert PromptsIdenticalAcrossModels().check(same).status == Status.PASS
+    keyless = [{k: v for k, v in r.items() if k != "eval_set"} for r in same]
+    assert PromptsIdenticalAcrossModels().check(keyless).status == Status.FAIL
+    changed = same[:-1] + [dict(same[-1], prompt=same[-1]["prompt"] + " ")]
+    r = PromptsIdenticalAcrossModels().check(changed)
+    assert r.status == Status.FAIL and "a.jsonl', 0)" in r.details["problems"][0]
+
+
+def test_ifeval_is_not_an_alias():
+    """No IFEval data ships offline (lm-eval's package has none): 'ifeval' is read as a path
+    and refused, and the config no longer advertises it."""
+    from cai.config import EvalConfig
+    from cai.errors import BadInputError
+    from cai.pipeline.compare import load_eval_set
+
+    with pytest.raises(BadInputError, match="ifeval: file not found"):
+        load_eval_set("ifeval")
+    assert "'ifeval'" not in EvalConfig.model_fields["sets"].description

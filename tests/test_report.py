@@ -32,7 +32,7 @@ def cfg():
 
 
 def _responses(items, suite, model, passes, stop=lambda i, ok: "eos"):
-    return [{"suite": suite, "model": model, "key": it["key"], "response": PASS if passes(i) else FAIL,
+    return [{"suite": suite, "model": model, "eval_set": it["eval_set"], "key": it["key"], "response": PASS if passes(i) else FAIL,
              "stop_reason": stop(i, passes(i))} for i, it in enumerate(items)]
 
 
@@ -111,6 +111,38 @@ def test_truncation_driven_discordance_is_warned(items, cfg):
     c = next(c for c in res["comparisons"] if (c["a"], c["b"]) == ("base", "sft"))
     assert c["discordant_truncated_or_empty"] == len(c["discordant"]) == 10
     assert any(w.startswith("truncation-driven (primary base vs sft)") for w in res["warnings"])
+
+
+def _write_set(path: Path, prompt: str, iid: str) -> str:
+    import json
+
+    path.write_text("".join(json.dumps({"key": k, "prompt": f"{prompt} (item {k})", "instruction_id_list": [iid],
+                                        "kwargs": [{}]}) + "\n" for k in range(6)))
+    return str(path)
+
+
+def test_two_eval_sets_sharing_keys_are_scored_separately(tmp_path, cfg):
+    """Keys are unique within a set only: items are (set, key). Both sets use keys 0-5; a
+    response that passes the lowercase set and fails the no-comma set scores 6 of 12."""
+    lower = _write_set(tmp_path / "lower.jsonl", "Describe the sea in one sentence, in lowercase.",
+                       "change_case:english_lowercase")
+    nocomma = _write_set(tmp_path / "nocomma.jsonl", "Describe the sea in one sentence without commas.",
+                         "punctuation:no_comma")
+    items = load_eval_set(lower) + load_eval_set(nocomma)
+    said = {"base": "a calm, grey day by the sea.", "sft": "A calm grey day by the sea."}  # lowercase only / no comma only
+    rows = [{"suite": "primary", "model": m, "eval_set": it["eval_set"], "key": it["key"], "response": text,
+             "stop_reason": "eos"} for m, text in said.items() for it in items]
+    res = summarize(cfg, items, rows)
+    assert res["n_items"] == 12
+    base, sft = res["scores"]["primary"]["base"], res["scores"]["primary"]["sft"]
+    assert base["n"] == sft["n"] == 12 and base["prompt_level_strict"] == sft["prompt_level_strict"] == 0.5
+    per = {m: {iid: (v["n"], v["strict"]) for iid, v in s["per_instruction"].items()} for m, s in (("base", base), ("sft", sft))}
+    assert per["base"] == {"change_case:english_lowercase": (6, 1.0), "punctuation:no_comma": (6, 0.0)}
+    assert per["sft"] == {"change_case:english_lowercase": (6, 0.0), "punctuation:no_comma": (6, 1.0)}
+    c = next(c for c in res["comparisons"] if (c["a"], c["b"]) == ("base", "sft"))
+    assert c["n"] == 12 and (c["a_only_pass"], c["b_only_pass"]) == (6, 6)
+    assert sorted((d["eval_set"], d["key"]) for d in c["discordant"]) == sorted((s, k) for s in (lower, nocomma) for k in range(6))
+    assert all(d["base_pass"] == (d["eval_set"] == lower) for d in c["discordant"])
 
 
 @pytest.mark.parametrize("text,limit", [("word " * 100, 42), ("a" * 50 + " tail", 30), ("short | cell\nline", 300)])
@@ -232,7 +264,7 @@ def test_length_rule_fires_when_a_length_heuristic_decides_and_stays_quiet_other
         for i, it in enumerate(items):
             long = i % 2 == 0
             text = (LONG_OK.replace("waves", "Waves,") if long_fails else LONG_OK) if long else PASS
-            out.append({"suite": "primary", "model": model, "key": it["key"], "response": text, "stop_reason": "eos"})
+            out.append({"suite": "primary", "model": model, "eval_set": it["eval_set"], "key": it["key"], "response": text, "stop_reason": "eos"})
         return out
 
     bad = summarize(cfg, items, rows("base", long_fails=True))["scores"]["primary"]["base"]["length_rule"]
@@ -242,9 +274,37 @@ def test_length_rule_fires_when_a_length_heuristic_decides_and_stays_quiet_other
     def failing(text):  # same length, fails both checks: a capital and a comma
         return text[0].upper() + text[1:-1] + ","
 
-    mixed = [{"suite": "primary", "model": "base", "key": it["key"], "stop_reason": "eos",
+    mixed = [{"suite": "primary", "model": "base", "eval_set": it["eval_set"], "key": it["key"], "stop_reason": "eos",
               "response": [PASS, failing(PASS), LONG_OK, failing(LONG_OK)][i % 4]} for i, it in enumerate(items)]
     res = summarize(cfg, items, mixed)
     quiet = res["scores"]["primary"]["base"]["length_rule"]
     assert quiet["accuracy"] - quiet["majority"] < 0.25 and not quiet["warning"]
     assert not any(w.startswith("length predicts the verdict") for w in res["warnings"])
+
+
+def _warnings_section(md: str) -> str:
+    start = md.index("## Warnings")
+    return md[start:md.index("\n## ", start + 1)]
+
+
+def test_each_warning_is_listed_once(run_dir, items, cfg):
+    """The suite's warning rows restate the results' warnings (truncation, prompting beats
+    training): the Warnings section shows the results' sentence once, and keeps warning
+    rows the results do not state. In a VOID report (no results shown) the rows remain."""
+    results = _run(items, cfg, fewshot_passes=lambda i: i % 5 != 0, sft_stop=lambda i, ok: "eos" if ok else "length")
+    assert sum(w.startswith("truncated (primary/sft)") for w in results["warnings"]) == 1
+    rows = _invariants() + [
+        {"where": "eval/primary/sft", "name": "responses_not_cut", "status": "warn", "severity": "warning",
+         "evidence": "primary/sft: 10 of 20 hit max_new_tokens, 0 empty (warning above 10%)"},
+        {"where": "eval/primary/sft", "name": "training_beats_prompting[recorded]", "status": "warn", "severity": "warning",
+         "evidence": "sft (primary) vs base (fewshot_baseline) sft is worse"},
+        {"where": "instructions", "name": "near_duplicates", "status": "warn", "severity": "warning", "evidence": "3 pairs"}]
+    warnings = _warnings_section(build_report(run_dir, rows, results).read_text())
+    lines = [ln for ln in warnings.splitlines() if ln.startswith("- ")]
+    assert len(lines) == len(set(lines))
+    assert sum("truncated (primary/sft)" in ln for ln in lines) == 1 and "responses_not_cut" not in warnings
+    assert sum(ln.startswith("- prompting beats training") for ln in lines) == 2 and "training_beats_prompting" not in warnings
+    assert "`near_duplicates` — 3 pairs" in warnings and "training_truncation" in warnings
+
+    void = _warnings_section(build_report(run_dir, _invariants(failing=True) + rows[-3:], results).read_text())
+    assert "responses_not_cut" in void and "training_beats_prompting" in void and "truncated (primary/sft)" not in void

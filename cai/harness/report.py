@@ -288,6 +288,7 @@ def build_report(run_dir: str | Path, invariants: list[dict[str, Any]], results:
     results; the invariants that decide the verdict follow. Return the markdown path."""
     import os
 
+    from cai.pipeline.compare import RESULTS_WARNING_ROWS
     from cai.pipeline.store import write_json_atomic
 
     run_dir = Path(run_dir)
@@ -313,14 +314,17 @@ def build_report(run_dir: str | Path, invariants: list[dict[str, Any]], results:
             md += _lm_eval_section(lm_eval, results)
     else:
         md += ["## Results", "", "No evaluation results yet (run `pytest suites/ --cai-run RUN_DIR`).", ""]
-    warnings = list(results["warnings"]) if results and not void else []
-    warnings += [f"{r['where']}: `{r['name']}` — {_clip(r['evidence'])}" for r in invariants if r["status"] == "warn"]
+    shown = bool(results) and not void
+    warnings = list(results["warnings"]) if shown else []
+    warnings += [f"{r['where']}: `{r['name']}` — {_clip(r['evidence'])}" for r in invariants if r["status"] == "warn"
+                 and not (shown and r["name"].removesuffix("[recorded]") in RESULTS_WARNING_ROWS)]
     warnings += _manifest_warnings(run_dir, invariants)
     md += ["## Warnings", ""] + ([f"- {w}" for w in warnings] or ["- none"]) + [""]
     if results and not void:
         md += ["## Discordant items", "", "Every item where two compared models disagree (primary suite and "
                "training vs prompting), with the check that decided; `[cut]` marks a response that hit the "
                "token cap or is empty:", ""]
+        sets = {d["eval_set"] for c in results["comparisons"] for d in c["discordant"]}
         for c in results["comparisons"]:
             if c["b_suite"] != "primary" or not c["discordant"]:
                 continue
@@ -328,7 +332,8 @@ def build_report(run_dir: str | Path, invariants: list[dict[str, Any]], results:
                    f"{c['discordant_truncated_or_empty']} with the failing side cut)", ""]
             for d in c["discordant"]:
                 cut = " [cut]" if d["loser_truncated_or_empty"] else ""
-                md += [f"- **{d['key']}** {_clip(d['instruction'], 200)!r} — deciding: {', '.join(d['deciding_checks'])}{cut}; "
+                item = d["key"] if len(sets) == 1 else f"{d['eval_set']}:{d['key']}"
+                md += [f"- **{item}** {_clip(d['instruction'], 200)!r} — deciding: {', '.join(d['deciding_checks'])}{cut}; "
                        f"{c['a']} {'pass' if d[c['a'] + '_pass'] else 'fail'}: {_clip(d[c['a'] + '_response'], 160)!r}; "
                        f"{c['b']} {'pass' if d[c['b'] + '_pass'] else 'fail'}: {_clip(d[c['b'] + '_response'], 160)!r}"]
             md.append("")

@@ -111,6 +111,12 @@ class FormatMatchesTraining(Invariant):
         return False, _fmt_offenders(bad, n, f"do not use the training format {self.train_format!r}"), {"problems": bad[:50]}
 
 
+def _item_key(rec: Mapping, i: int) -> Any:
+    """Keys are unique within an eval set only: records that name their set are keyed by (set, key)."""
+    key = rec.get("key", rec.get("id", i))
+    return (str(rec["eval_set"]), key) if "eval_set" in rec and "key" in rec else key
+
+
 def _prompt_groups(subject) -> dict[str, dict[str, list[tuple[Any, str]]]]:
     """suite -> model -> [(key, prompt)], from a mapping model -> prompts, or from records with
     `model` and `prompt` (and `suite`: compared per suite)."""
@@ -120,7 +126,7 @@ def _prompt_groups(subject) -> dict[str, dict[str, list[tuple[Any, str]]]]:
     out: dict[str, dict[str, list[tuple[Any, str]]]] = {}
     for i, rec in enumerate(records):
         out.setdefault(str(rec.get("suite", "")), {}).setdefault(str(rec["model"]), []).append(
-            (rec.get("key", rec.get("id", i)), rec["prompt"]))
+            (_item_key(rec, i), rec["prompt"]))
     return out
 
 

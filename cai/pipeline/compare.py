@@ -56,6 +56,16 @@ def load_eval_set(name: str, limit: int | None = None) -> list[dict[str, Any]]:
     return sorted(picked, key=lambda it: items.index(it))
 
 
+def item_id(record: dict) -> tuple[str, str]:
+    """An evaluation item's identity: (eval set, key). Keys are unique only within a set,
+    so two sets that share keys (IFEval's and a user's) must never be joined by key alone."""
+    return str(record["eval_set"]), str(record["key"])
+
+
+def record_id(suite: str, model: str, item: dict) -> str:
+    return f"{suite}/{model}/{item['eval_set']}/{item['key']}"
+
+
 def fewshot_examples(k: int = FEWSHOT_EXAMPLES) -> list[tuple[str, str]]:
     path = Path(str(resources.files("cai") / "data" / "seeds" / "fewshot_examples.jsonl"))
     return [(r["instruction"], r["response"]) for r in read_jsonl(path)[:k]]
@@ -97,7 +107,7 @@ def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: lis
         for model_name in SUITE_MODELS[suite]:
             if model_name not in models:
                 continue
-            todo = [i for i, it in enumerate(items) if f"{suite}/{model_name}/{it['key']}" not in done]
+            todo = [i for i, it in enumerate(items) if record_id(suite, model_name, it) not in done]
             for start in range(0, len(todo), cfg.eval.batch_size):
                 chunk = todo[start:start + cfg.eval.batch_size]
                 with slot.use(model_name):
@@ -106,7 +116,7 @@ def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: lis
                 for i, out in zip(chunk, outs):
                     it = items[i]
                     writer.append({
-                        "id": f"{suite}/{model_name}/{it['key']}", "suite": suite, "model": model_name,
+                        "id": record_id(suite, model_name, it), "suite": suite, "model": model_name,
                         "key": it["key"], "eval_set": it["eval_set"], "instruction": it["instruction"],
                         "format": rendered[i][0], "prompt": rendered[i][1], "response": out.text.strip(),
                         "stop_reason": out.stop_reason, "n_new_tokens": out.n_new_tokens,
@@ -115,7 +125,7 @@ def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: lis
     bar.close()
     for suite in cfg.eval.suites:  # from the prompts each model was actually given, as written
         for model_name in (m for m in SUITE_MODELS[suite] if m in models):
-            given = sorted((str(r["key"]), r["prompt"]) for r in writer.done if r["suite"] == suite and r["model"] == model_name)
+            given = sorted((item_id(r), r["prompt"]) for r in writer.done if r["suite"] == suite and r["model"] == model_name)
             hashes.setdefault(suite, {})[model_name] = prompts_sha256([p for _, p in given])
     return {"prompt_sha256": hashes, "settings": {s: generation_settings(cfg, s) for s in cfg.eval.suites},
             "models": models, "n_items": len(items)}
@@ -135,6 +145,12 @@ CLUSTERING = ("the item's `cluster` field, else its instruction-id list joined w
               "(the template family: the shipped Stage-1 set writes each family from one or two templates)")
 
 
+# The suite's warning rows (suites/test_stage1.py) that restate a warning of `_warnings`
+# from the same scores and thresholds: where results are shown, the report lists it once.
+RESULTS_WARNING_ROWS = frozenset({"base_below_ceiling", "training_beats_prompting", "responses_not_cut",
+                                  "length_does_not_decide", "no_length_confound"})
+
+
 def cluster_of(item: dict) -> str:
     """The unit the bootstrap resamples: items of one template are near-duplicates and
     pass or fail together, so they count as one draw, not as independent evidence."""
@@ -146,7 +162,7 @@ def _length_confound(scored: list[dict], responses: dict[Any, str]) -> dict[str,
     that fails long answers produces exactly this pattern (the 81% -> 99.3% lesson)."""
     import numpy as np
 
-    rows = [(int(it["prompt_level_strict"]), len(responses[it["key"]])) for it in scored
+    rows = [(int(it["prompt_level_strict"]), len(responses[item_id(it)])) for it in scored
             if not any(i.startswith(LENGTH_FAMILY) for i in it["instruction_id_list"])]
     if len(rows) < 5 or len({r[0] for r in rows}) < 2 or len({r[1] for r in rows}) < 2:
         return {"n": len(rows), "corr": None, "warning": False}
@@ -193,17 +209,21 @@ def _is_artifact(row: dict) -> bool:
     return row["stop_reason"] == "length" or not row["response"].strip()
 
 
-def _model_scores(cfg: RunConfig, by_key: dict, rows: list[dict]) -> tuple[dict[str, Any], dict[Any, dict]]:
+def _model_scores(cfg: RunConfig, by_id: dict, rows: list[dict]) -> tuple[dict[str, Any], dict[tuple, dict]]:
     """One (suite, model): IFEval accuracies with cluster-bootstrap CIs and their N, per
     instruction type with N and CI, and the truncation / empty-response rates."""
     from cai.pipeline.evaluate import score
     from cai.pipeline.stats import bootstrap_mean_ci
 
-    report = score([by_key[r["key"]] for r in rows], [{"key": r["key"], "prompt": by_key[r["key"]]["prompt"],
-                                                        "response": r["response"]} for r in rows])
-    texts = {r["key"]: r["response"] for r in rows}
+    # The scorer joins by key: it is given "set:key" (what its messages name), mapped back below.
+    ids = [item_id(r) for r in rows]
+    label = {f"{u[0]}:{u[1]}": u for u in ids}
+    report = score([{**by_id[u], "key": f"{u[0]}:{u[1]}"} for u in ids],
+                   [{"key": f"{u[0]}:{u[1]}", "response": r["response"]} for u, r in zip(ids, rows)])
+    report.items = [{**it, "eval_set": label[it["key"]][0], "key": by_id[label[it["key"]]]["key"]} for it in report.items]
+    texts = {u: r["response"] for u, r in zip(ids, rows)}
     boot = {"n_resamples": cfg.eval.bootstrap_resamples, "seed": cfg.seed}
-    clusters = [cluster_of(by_key[it["key"]]) for it in report.items]
+    clusters = [cluster_of(by_id[item_id(it)]) for it in report.items]
     strict = [int(it["prompt_level_strict"]) for it in report.items]
     _, lo, hi = bootstrap_mean_ci(strict, clusters=clusters, **boot)
     inst = [(int(ok), c, iid) for it, c in zip(report.items, clusters)
@@ -230,10 +250,10 @@ def _model_scores(cfg: RunConfig, by_key: dict, rows: list[dict]) -> tuple[dict[
         "n_truncated": truncated, "truncated_rate": truncated / n if n else 0.0,
         "n_empty": empty, "empty_rate": empty / n if n else 0.0,
         "length_confound": _length_confound(report.items, texts),
-        "length_rule": _length_rule(strict, [len(texts[it["key"]]) for it in report.items]),
+        "length_rule": _length_rule(strict, [len(texts[item_id(it)]) for it in report.items]),
     }
-    raw = {r["key"]: r for r in rows}
-    return out, {it["key"]: {**it, "response": texts[it["key"]], "artifact": _is_artifact(raw[it["key"]])}
+    raw = dict(zip(ids, rows))
+    return out, {item_id(it): {**it, "response": texts[item_id(it)], "artifact": _is_artifact(raw[item_id(it)])}
                  for it in report.items}
 
 
@@ -251,14 +271,14 @@ def _sentence(a: tuple[str, str], b: tuple[str, str], diff: float, lo: float, hi
             f"Holm-adjusted McNemar p = {p_holm:.3g}).")
 
 
-def _compare(cfg: RunConfig, by_key: dict, per_item: dict, a: tuple[str, str], b: tuple[str, str]) -> dict[str, Any]:
+def _compare(cfg: RunConfig, by_id: dict, per_item: dict, a: tuple[str, str], b: tuple[str, str]) -> dict[str, Any]:
     from cai.pipeline.stats import mcnemar_exact, paired_bootstrap_ci
 
     ia_all, ib_all = per_item[a], per_item[b]
-    keys = sorted(set(ia_all) & set(ib_all), key=str)
+    keys = sorted(set(ia_all) & set(ib_all))
     xa = [int(ia_all[k]["prompt_level_strict"]) for k in keys]
     xb = [int(ib_all[k]["prompt_level_strict"]) for k in keys]
-    clusters = [cluster_of(by_key[k]) for k in keys]
+    clusters = [cluster_of(by_id[k]) for k in keys]
     diff, lo, hi = paired_bootstrap_ci(xb, xa, n_resamples=cfg.eval.bootstrap_resamples, seed=cfg.seed,
                                        clusters=clusters)
     b01, b10, p = mcnemar_exact(xa, xb)
@@ -269,7 +289,7 @@ def _compare(cfg: RunConfig, by_key: dict, per_item: dict, a: tuple[str, str], b
             deciding = [iid for iid, sa, sb in zip(ia["instruction_id_list"], ia["follow_instruction_list_strict"],
                                                    ib["follow_instruction_list_strict"]) if sa != sb]
             loser = ia if vb else ib
-            discordant.append({"key": k, "instruction": by_key[k]["instruction"], "deciding_checks": deciding,
+            discordant.append({"eval_set": k[0], "key": by_id[k]["key"], "instruction": by_id[k]["instruction"], "deciding_checks": deciding,
                                f"{a[1]}_pass": bool(va), f"{b[1]}_pass": bool(vb),
                                f"{a[1]}_response": ia["response"], f"{b[1]}_response": ib["response"],
                                "loser_truncated_or_empty": loser["artifact"]})
@@ -290,17 +310,17 @@ def summarize(cfg: RunConfig, items: list[dict], responses: list[dict]) -> dict[
     truncated and empty responses."""
     from cai.pipeline.stats import holm
 
-    by_key = {it["key"]: it for it in items}
+    by_id = {item_id(it): it for it in items}
     grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in responses:
         grouped[(r["suite"], r["model"])].append(r)
     scores: dict[str, dict[str, Any]] = defaultdict(dict)
     per_item: dict[tuple[str, str], dict[Any, dict]] = {}
     for (suite, model), rows in sorted(grouped.items()):
-        scores[suite][model], per_item[(suite, model)] = _model_scores(cfg, by_key, rows)
+        scores[suite][model], per_item[(suite, model)] = _model_scores(cfg, by_id, rows)
 
     specs = [((suite, a), (suite, b)) for suite in scores for a, b in PAIRS]
-    comparisons = [_compare(cfg, by_key, per_item, a, b) for a, b in specs + list(PROMPTING_PAIRS)
+    comparisons = [_compare(cfg, by_id, per_item, a, b) for a, b in specs + list(PROMPTING_PAIRS)
                    if a in per_item and b in per_item]
     for c, p_holm in zip(comparisons, holm([c["mcnemar_p"] for c in comparisons])):
         c["mcnemar_p_holm"] = p_holm
