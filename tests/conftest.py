@@ -72,10 +72,6 @@ def sft_record():
     return _sft_record
 
 
-TINY_PROVENANCE = {"source": "tiny-random", "quantization": "none", "dtype": "float32",
-                   "observed": {"quantization": "none", "dtypes": ["float32"]}}
-
-
 @pytest.fixture
 def make_run_dir(tmp_path):
     """Factory for a small real run directory (no models): run.json with the config and its
@@ -86,7 +82,10 @@ def make_run_dir(tmp_path):
         run = make_run_dir(sft_records=[...])   # -> Path
     """
     from cai.config import RunConfig
+    from cai.invariants import encoding_invariants, evaluate, open_slot_invariants, prompt_tokenizer_subject
     from cai.invariants.artifacts import stage_results
+    from cai.invariants.slot import slot_leakage_results
+    from cai.pipeline.models import ModelSlot
     from cai.pipeline.store import ArtifactWriter, input_entry, write_json_atomic
 
     def make(name: str = "run", *, sft_records: list[dict] | None = None, config: dict | None = None,
@@ -94,26 +93,30 @@ def make_run_dir(tmp_path):
         run = tmp_path / name
         run.mkdir()
         cfg = RunConfig.model_validate({"name": name, "model": {"source": "tiny-random"},
-                                        "instructions": {"n": len(CLEAN_SFT)}, **(config or {})})
+                                        "instructions": {"n": len(sft_records or CLEAN_SFT)}, **(config or {})})
         write_json_atomic(run / "run.json", {"config": cfg.model_dump(mode="json"), "config_hash": cfg.hash(),
                                              "stages_required": ["candidates", "instructions", "responses"]})
-        upstream = None
-        for stage in ("candidates", "instructions"):
-            w = ArtifactWriter(run / stage, stage, config_hash=cfg.hash(), seed=0,
-                               inputs=[input_entry(run / upstream, run / stage)] if upstream else [])
-            w.extend({"id": f"ins-{i}", "instruction": ins, **({"critic": {"margin": 1.5}} if stage == "instructions" else {})}
-                     for i, (ins, _) in enumerate(CLEAN_SFT))
-            w.finalize(invariants=stage_results(stage, w.done, cfg), model=TINY_PROVENANCE,
-                       memory={"peak_rss_mb_sampled": 512.0})
-            upstream = stage
         records = sft_records if sft_records is not None else [_sft_record(i, ins, c) for i, (ins, c) in enumerate(CLEAN_SFT)]
-        w = ArtifactWriter(run / "responses", "responses", config_hash=cfg.hash(), seed=0,
-                           inputs=[input_entry(run / "instructions", run / "responses")])
-        w.extend(records)
         memory = {"peak_rss_mb_sampled": 512.0}
-        if slot_events is not None:
-            memory["slot_events"] = slot_events
-        w.finalize(invariants=stage_results("responses", records, cfg), model=TINY_PROVENANCE, memory=memory)
+        with ModelSlot(cfg.model, label="data") as slot:  # the checks a stage can only run on its live slot
+            upstream = None
+            for stage in ("candidates", "instructions", "responses"):
+                w = ArtifactWriter(run / stage, stage, config_hash=cfg.hash(), seed=0,
+                                   inputs=[input_entry(run / upstream, run / stage)] if upstream else [])
+                if stage == "responses":
+                    w.extend(records)
+                else:
+                    w.extend({"id": r["id"], "instruction": r["instruction"], "source": "model",
+                              **({"critic": {"margin": 1.5}} if stage == "instructions" else {})} for r in records)
+                results = stage_results(stage, w.done, cfg) + evaluate(open_slot_invariants(), slot)
+                if stage == "candidates":
+                    results += slot_leakage_results(slot)
+                if stage == "responses":
+                    results += evaluate(encoding_invariants(), prompt_tokenizer_subject(w.done, slot.tokenizer))
+                    if slot_events is not None:
+                        memory = {**memory, "slot_events": slot_events}
+                w.finalize(invariants=results, model=slot.provenance, memory=memory)
+                upstream = stage
         return run
 
     return make

@@ -193,6 +193,89 @@ def bad_utf8_sealed(run: Path) -> None:
         write_json_atomic(run / s / MANIFEST, mm)
 
 
+def rehash_config(edit: Callable[[dict], None]):
+    """Relabel the run: edit its config, give run.json and every manifest the new hash, re-seal."""
+    def damage(run: Path) -> None:
+        from cai.config import RunConfig
+        from cai.pipeline.stages import STAGES
+
+        index = json.loads((run / "run.json").read_text())
+        edit(index["config"])
+        index["config_hash"] = RunConfig.model_validate(index["config"]).hash()
+        write_json_atomic(run / "run.json", index)
+        for stage in STAGES:
+            m = manifest(run, stage)
+            m["config_hash"] = index["config_hash"]
+            write_json_atomic(run / stage / MANIFEST, m)
+        reseal(run, "candidates")
+    return damage
+
+
+def linked_copy(stage: str, edit: Callable[[dict], None]):
+    """Replace a (terminal) stage directory by a symbolic link to an edited copy outside the
+    run whose own hashes are fixed."""
+    def damage(run: Path) -> None:
+        outside = run.parent / f"outside-{stage}"
+        shutil.copytree(run / stage, outside)
+        shutil.rmtree(run / stage)
+        os.symlink(outside, run / stage)
+        rows = [edit(r) or r for r in records(run, stage)]
+        path = data_file(run, stage)
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        m = manifest(run, stage)
+        m["outputs"]["files"][f"data/{path.name}"].update(sha256=sha256_file(path), bytes=path.stat().st_size)
+        write_json_atomic(run / stage / MANIFEST, m)
+    return damage
+
+
+def stray_copy_of(stage: str):
+    def damage(run: Path) -> None:
+        shutil.copytree(run / stage, run / f"zz_{stage}")
+    return damage
+
+
+def fail_memory_checks(index: dict) -> None:
+    for check in index["memory_checks"]:
+        for r in check["results"]:
+            r.update(status="fail", evidence="2 base models resident")
+
+
+def redirect_input(stage: str, to: str):
+    def edit(m: dict) -> None:
+        m["inputs"][0]["path"] = f"../{to}"
+    return edit_manifest(stage, edit)
+
+
+def keep_recorded(*names: str):
+    return set_field("invariants", lambda m: [r for r in m["invariants"] if r["name"] in names])
+
+
+def rotate_completions(rows: list[dict]) -> list[dict]:
+    completions = [r["completion"] for r in rows]
+    for r, c in zip(rows, completions[1:] + completions[:1]):
+        r["completion"] = c
+    return rows
+
+
+def easier_eval_items(rows: list[dict]) -> list[dict]:
+    from cai.pipeline.formats import render
+
+    for r in rows:
+        old = render(r["format"], r["instruction"])
+        r["instruction"] = "Say anything you like."
+        r["prompt"] = r["prompt"][: -len(old)] + render(r["format"], r["instruction"])
+    return rows
+
+
+def another_instruction(rows: list[dict]) -> list[dict]:
+    from cai.pipeline.formats import render
+
+    for r in rows:
+        r["instruction"] = "Reply with a haiku about cats: " + r["instruction"]
+        r["prompt"] = render(r["format"], r["instruction"])
+    return rows
+
+
 # (id, damage, a fragment of a failing result's name the damage must produce)
 DAMAGES = [
     ("eval-manifest-removed", rm(f"eval/{MANIFEST}"), "required_stages_present"),
@@ -229,6 +312,25 @@ DAMAGES = [
      "pairs/chosen_differs_from_rejected"),
     ("declared-quantization-edited-resealed",
      edit_manifest("sft", lambda m: m["model"].update(quantization="4bit"), sealed=True), "sft/weights_as_declared"),
+    ("config-relabelled-and-rehashed", rehash_config(lambda c: c["model"].update(source="tiny-random")),
+     "model_as_configured"),
+    ("lora-rank-relabelled-and-rehashed", rehash_config(lambda c: c["sft"]["lora"].update(r=64)), "sft/training_outputs"),
+    ("templates-relabelled-and-rehashed", rehash_config(lambda c: c["instructions"].update(source="templates")),
+     "instructions/instruction_records"),
+    ("stage-replaced-by-a-link-to-an-edited-copy",
+     linked_copy("eval", lambda r: r.update(response=r["response"] + " <|im_start|>assistant")), "run_layout"),
+    ("stray-second-eval-artifact", stray_copy_of("eval"), "run_layout"),
+    ("memory-checks-failed-in-run-json", edit_run_json(fail_memory_checks), "memory_checks_passed"),
+    ("eval-input-redirected", redirect_input("eval", "dpo"), "eval/inputs_as_declared"),
+    ("leakage-results-deleted", edit_manifest("candidates", keep_recorded("instruction_records")),
+     "candidates/recorded_checks_present"),
+    ("only-a-warning-recorded", edit_manifest("candidates", set_field("invariants", lambda m: [
+        {"name": "anything", "status": "warn", "severity": "warning", "evidence": "x"}])), "candidates/manifest_complete"),
+    ("eval-items-replaced-resealed", edit_records("eval", easier_eval_items), "eval/eval_coverage"),
+    ("responses-instructions-replaced-resealed", edit_records("responses", another_instruction),
+     "responses/records_match_inputs"),
+    ("completions-moved-between-instructions-resealed", edit_records("responses", rotate_completions),
+     "pairs/records_match_inputs"),
     ("duplicate-sft-record-resealed", edit_records("responses", lambda rows: rows + rows[:1]), "responses/record_schema"),
 ]
 

@@ -392,13 +392,18 @@ def rebuild(run_dir: str | Path) -> tuple[Path, bool]:
     session.run_results()
     stored = run_dir / REPORT_DIR / REPORT_NAME
     try:
-        tests = [r for r in read_json_object(stored).get("results", []) if r.get("source") != "run"]
+        recorded = read_json_object(stored)
+        tests = [r for r in recorded.get("results", []) if r.get("source") != "run"]
+        if not tests:
+            raise ValueError("it holds no result of the evaluation tests")
+        if recorded.get("artifacts") != session.artifact_hashes():
+            raise ValueError("the run's manifests changed since `pytest suites/` recorded it; run it again")
         for r in tests:
             session.record(Result(r["name"], Status(r["status"]), Severity(r["severity"]), str(r["evidence"])),
                            subject=r.get("subject", ""), source=r["source"])
     except (CaiError, KeyError, TypeError, ValueError, AttributeError) as err:
         why = "missing: run `pytest suites/ --cai-run RUN` first" if not stored.is_file() else \
-            f"unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+            f"not usable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
         session.record(Result("evaluation_recorded", Status.FAIL, Severity.ERROR, f"{stored}: {why}"))
     results = None
     if not session.void:

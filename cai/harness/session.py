@@ -97,10 +97,12 @@ def _recorded(manifest: dict[str, Any]) -> list[Any]:
         if not isinstance(d, dict):
             out.append(Result("unreadable[recorded]", Status.FAIL, Severity.ERROR, f"recorded result {d!r} is not an object"))
             continue
-        try:
-            status, severity = Status(d.get("status")), Severity(d.get("severity", "error"))
-        except ValueError:
-            status, severity = Status.FAIL, Severity.ERROR  # unreadable status: count it as failed
+        from cai.pipeline.store import VALID_OUTCOMES
+
+        if (d.get("status"), d.get("severity")) in VALID_OUTCOMES:
+            status, severity = Status(d["status"]), Severity(d["severity"])
+        else:  # a failure, or an outcome cai never writes (a hand-edited "warn" on an error check)
+            status, severity = Status.FAIL, Severity.ERROR
         out.append(Result(f"{d.get('name', '?')}[recorded]", status, severity, str(d.get("evidence", "")),
                           d.get("details")))
     return out
@@ -194,7 +196,17 @@ class CaiSession:
             "void_exit_code": VOID_EXIT_CODE,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "results": [e.to_json() for e in self.entries],
+            "artifacts": self.artifact_hashes(),
         }
+
+    def artifact_hashes(self) -> dict[str, str]:
+        """sha256 of every artifact manifest of the run, as this session saw it: ties the
+        evaluation results recorded here to those exact artifacts (`cai report` compares)."""
+        from cai.pipeline.store import MANIFEST, sha256_file
+
+        if self.run_dir is None or self._run is None:
+            return {}
+        return {rel: sha256_file(d / MANIFEST) for rel, d in self._run.artifacts.items() if (d / MANIFEST).is_file()}
 
     def write_report(self, exitstatus: int | None) -> Path | None:
         """Write `<report_dir>/invariants.json` (default `<run>/reports/`); None without a place."""

@@ -54,10 +54,14 @@ class RecordIds(Invariant):
 
 class InstructionRecords(Invariant):
     """Prevents a malformed or chat-contaminated instruction from reaching the response
-    stage: every record has a unique string id and a non-empty instruction free of chat
-    markers."""
+    stage, and template data passing for model-generated data: every record has a unique
+    string id, a non-empty instruction free of chat markers and, when `source` is given, says
+    it came from that source (`instructions.source`)."""
 
     name = "instruction_records"
+
+    def __init__(self, source: str | None = None):
+        self.source = source
 
     def _check(self, subject: StageRecords):
         from cai.invariants.markers import find_chat_markers
@@ -74,6 +78,8 @@ class InstructionRecords(Invariant):
                 problems.append(f"{rid!r}: empty or missing instruction")
             elif markers := find_chat_markers(text):
                 problems.append(f"{rid!r}: chat marker {markers[0][1]!r} ({markers[0][0]})")
+            if self.source is not None and r.get("source") != self.source:
+                problems.append(f"{rid!r}: source {r.get('source')!r}, config instructions.source is {self.source!r}")
         if not subject.records:
             return False, f"{subject.stage}: no records"
         if problems:
@@ -131,14 +137,30 @@ class TrainingOutputs(Invariant):
 
     name = "training_outputs"
 
-    def __init__(self, max_steps: int):
-        self.max_steps = max_steps
+    def __init__(self, max_steps: int, lora=None):
+        self.max_steps, self.lora = max_steps, lora
+
+    def _adapter_problems(self, directory: Path) -> list[str]:
+        """The saved adapter is the one the config asks for (rank, alpha, target modules)."""
+        import json
+
+        try:
+            saved = json.loads((directory / ADAPTER_FILES[0]).read_text())
+        except (OSError, ValueError) as err:
+            return [f"{ADAPTER_FILES[0]} unreadable ({type(err).__name__})"]
+        want = {"r": self.lora.r, "lora_alpha": self.lora.alpha, "target_modules": sorted(self.lora.target_modules)}
+        got = {"r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+               "target_modules": sorted(saved.get("target_modules") or [])}
+        return [f"adapter {k} is {got[k]}, config asks for {want[k]}" for k in want if got[k] != want[k]]
 
     def _check(self, subject: StageRecords):
         problems = [f"{name} not among the artifact's hashed outputs" for name in ADAPTER_FILES
                     if name not in subject.listed_files]
         if subject.dir is not None:
-            problems += [f"{name} missing on disk" for name in ADAPTER_FILES if not (subject.dir / name).is_file()]
+            missing = [f"{name} missing on disk" for name in ADAPTER_FILES if not (subject.dir / name).is_file()]
+            problems += missing
+            if not missing and self.lora is not None:
+                problems += self._adapter_problems(subject.dir)
         steps = [r.get("step") for r in subject.records]
         losses = [r.get("loss") for r in subject.records]
         if not subject.records:
@@ -161,8 +183,8 @@ class EvalCoverage(Invariant):
 
     name = "eval_coverage"
 
-    def __init__(self, expected_keys: dict[str, set], suite_models: dict[str, tuple[str, ...]]):
-        self.expected_keys = expected_keys  # eval set name -> keys
+    def __init__(self, expected_keys: dict[str, set] | dict[str, dict], suite_models: dict[str, tuple[str, ...]]):
+        self.expected_keys = expected_keys  # eval set name -> keys, or key -> the item's instruction
         self.suite_models = suite_models  # suite -> models answering it
 
     def _check(self, subject: StageRecords):
@@ -175,6 +197,9 @@ class EvalCoverage(Invariant):
             got[key] = got.get(key, 0) + 1
             if not isinstance(r.get("response"), str):
                 bad_type.append(f"{r.get('id')!r}: response is {type(r.get('response')).__name__}")
+            shipped = self.expected_keys.get(r.get("eval_set"))
+            if isinstance(shipped, dict) and r.get("key") in shipped and r.get("instruction") != shipped[r.get("key")]:
+                bad_type.append(f"{r.get('id')!r}: instruction is not the eval set's item {r.get('key')!r}")
         missing = sorted(want - set(got), key=str)
         extra = sorted(set(got) - want, key=str)
         twice = sorted((k for k, n in got.items() if n > 1), key=str)
@@ -187,10 +212,77 @@ class EvalCoverage(Invariant):
                       f"{sum(len(k) for k in self.expected_keys.values())} item(s), each once")
 
 
-def expected_eval_keys(cfg) -> dict[str, set]:
+class RecordsMatchInputs(Invariant):
+    """Prevents records that no longer belong to their inputs (an instruction edited after the
+    responses were made, completions moved between instructions, pairs built from another
+    answer): each responses record carries the id and instruction of an instructions record;
+    each pair's `sft_id` names a responses record with the same instruction and prompt, whose
+    completion is the pair's chosen."""
+
+    name = "records_match_inputs"
+
+    def __init__(self, upstream: list[dict[str, Any]]):
+        self.upstream = {r.get("id"): r for r in upstream if isinstance(r, dict)}
+
+    def _check(self, subject: StageRecords):
+        fields = ("instruction",) if subject.stage == "responses" else ("instruction", "prompt")
+        bad = []
+        for r in subject.records:
+            ref = r.get("id") if subject.stage == "responses" else r.get("sft_id")
+            source = self.upstream.get(ref)
+            if source is None:
+                bad.append(f"{r.get('id')!r}: no input record {ref!r}")
+            elif any(r.get(f) != source.get(f) for f in fields):
+                bad.append(f"{r.get('id')!r}: {'/'.join(fields)} differ from input record {ref!r}")
+            elif subject.stage == "pairs" and r.get("chosen") != source.get("completion"):
+                bad.append(f"{r.get('id')!r}: chosen is not the completion of {ref!r}")
+        if bad:
+            return False, _first(bad, len(subject.records), "do not match their input records")
+        return True, f"{len(subject.records)} record(s) match their {len(self.upstream)} input record(s)"
+
+
+CROSS_STAGE_INPUT = {"responses": "instructions", "pairs": "responses"}  # stage -> the input its records join
+
+# stage -> results its stage records beyond its content checks (the checks that need the live
+# model, tokenizer or trainer, so a later verification can only read them)
+RECORDED_EXTRAS = {
+    "candidates": ("one_base_model_resident", "chat_template_disabled", "apply_chat_template_refuses",
+                   "sentinel_instructions_unanswered"),
+    "instructions": ("one_base_model_resident",),
+    "responses": ("one_base_model_resident", "no_special_token_ids", "decode_encode_roundtrip"),
+    "pairs": ("one_base_model_resident", "no_special_token_ids", "decode_encode_roundtrip"),
+    "sft": ("one_base_model_resident", "first_batch_sentinel"),
+    "dpo": ("one_base_model_resident", "first_batch_sentinel", "dpo_reference_identity"),
+    "eval": ("one_base_model_resident", "no_special_token_ids", "decode_encode_roundtrip"),
+}
+
+
+class RecordedChecksPresent(Invariant):
+    """Prevents a manifest whose inconvenient results were deleted from passing: the stage
+    recorded every check it runs — its content checks (re-run live beside this) and those
+    only the live model, tokenizer or trainer can run (`RECORDED_EXTRAS`; the lm-eval
+    agreement when the config runs lm-eval)."""
+
+    name = "recorded_checks_present"
+
+    def __init__(self, stage: str, live_names: set[str], lm_eval: bool):
+        self.required = set(live_names) | set(RECORDED_EXTRAS.get(stage, ()))
+        if stage == "eval" and lm_eval:
+            self.required.add("lmeval_score_agreement")
+
+    def _check(self, manifest: dict):
+        recorded = {r.get("name") for r in manifest.get("invariants") or [] if isinstance(r, dict)}
+        missing = sorted(self.required - recorded)
+        if missing:
+            return False, f"the manifest lacks recorded result(s) its stage always writes: {', '.join(missing)}"
+        return True, f"all {len(self.required)} check(s) the stage runs are recorded"
+
+
+def expected_eval_keys(cfg) -> dict[str, dict]:
+    """eval set -> {key: instruction} of the items the config evaluates."""
     from cai.pipeline.compare import load_eval_set
 
-    return {name: {it["key"] for it in load_eval_set(name, cfg.eval.limit)} for name in cfg.eval.sets}
+    return {name: {it["key"]: it["instruction"] for it in load_eval_set(name, cfg.eval.limit)} for name in cfg.eval.sets}
 
 
 def stage_results(stage: str, records: list[dict[str, Any]], cfg, directory: Path | None = None,
@@ -204,12 +296,12 @@ def stage_results(stage: str, records: list[dict[str, Any]], cfg, directory: Pat
     subject = StageRecords(stage, list(records), Path(directory) if directory else None, dict(listed_files or {}))
     kind = RECORD_KIND[stage]
     if kind == "candidates":
-        return evaluate([InstructionRecords()], subject)
+        return evaluate([InstructionRecords(cfg.instructions.source)], subject)
     if kind == "instructions":
-        return evaluate([InstructionRecords(), InstructionCount(cfg.instructions.n),
+        return evaluate([InstructionRecords(cfg.instructions.source), InstructionCount(cfg.instructions.n),
                          CriticSelected(cfg.critic.enabled, cfg.critic.threshold)], subject)
     if kind == "training":
-        return evaluate([TrainingOutputs(getattr(cfg, stage).max_steps)], subject)
+        return evaluate([TrainingOutputs(getattr(cfg, stage).max_steps, getattr(cfg, stage).lora)], subject)
     if kind == "eval_responses":
         suites = {s: SUITE_MODELS[s] for s in cfg.eval.suites}
         return (evaluate(eval_response_invariants(cfg.eval.format or cfg.format), subject.records)

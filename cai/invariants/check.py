@@ -212,8 +212,33 @@ def artifact_results(artifact_dir: str | Path, *, config_hash: str | None = None
     if config is None:
         return results + [_fail("content_checked", f"{subject.dir}: the run carries no config: the {stage} "
                                                    "content checks depend on it")]
+    from cai.invariants.artifacts import CROSS_STAGE_INPUT, RecordedChecksPresent
+    from cai.invariants.provenance import ModelAsConfigured
+
     files = manifest.get("outputs", {}).get("files", {})
-    return results + stage_results(stage, _records(subject.dir, manifest), config, subject.dir, files)
+    records = _records(subject.dir, manifest)
+    live = stage_results(stage, records, config, subject.dir, files)
+    results += live + [ModelAsConfigured(config.model).check(subject),
+                       RecordedChecksPresent(stage, {r.name for r in live}, config.eval.lm_eval).check(manifest)]
+    if stage in CROSS_STAGE_INPUT:
+        results.append(_match_inputs(subject.dir, manifest, stage, records))
+    return results
+
+
+def _match_inputs(artifact_dir: Path, manifest: dict[str, Any], stage: str, records: list[dict]) -> Result:
+    from cai.invariants.artifacts import CROSS_STAGE_INPUT, RecordsMatchInputs, StageRecords
+    from cai.pipeline.store import input_dir, read_manifest
+
+    entry = next((e for e in manifest.get("inputs", []) if isinstance(e, dict) and e.get("stage") == CROSS_STAGE_INPUT[stage]),
+                 None)
+    if entry is None:
+        return _fail(RecordsMatchInputs.name, f"{artifact_dir}: no {CROSS_STAGE_INPUT[stage]} input to match records against")
+    upstream_dir = input_dir(artifact_dir, entry)
+    try:
+        upstream = _records(upstream_dir, read_manifest(upstream_dir))
+    except CaiError as err:
+        return _fail(RecordsMatchInputs.name, f"input {entry.get('stage')}: {str(err).splitlines()[0]}")
+    return RecordsMatchInputs(upstream).check(StageRecords(stage, records, artifact_dir))
 
 
 def check_artifact(artifact_dir: str | Path) -> Report:
@@ -290,6 +315,54 @@ class RequiredStagesPresent(Invariant):
         return True, f"all {len(declared)} required stage(s) present and complete"
 
 
+class RunLayout(Invariant):
+    """Prevents a run from being judged on files that are not its own: nothing below the
+    run directory is a symbolic link (a stage swapped for a link to an unchecked copy), and
+    every artifact sits where the pipeline writes one (a stage directory, a shard of one, or
+    a discarded stage), so no second copy of a stage can stand in for the first."""
+
+    name = "run_layout"
+
+    def _check(self, run_dir: Path):
+        import os
+
+        from cai.pipeline.stages import STAGES
+
+        links = []
+        for root, dirs, files in os.walk(run_dir):
+            links += [Path(root, n) for n in dirs + files if Path(root, n).is_symlink()]
+        stray = [a.relative_to(run_dir).as_posix() for a in find_artifacts(run_dir)
+                 if a.relative_to(run_dir).parts[0] not in (*STAGES, "shards")]
+        problems = ([f"{len(links)} symbolic link(s), first {links[0].relative_to(run_dir)}"] if links else []) + \
+                   ([f"artifact(s) outside the pipeline's layout: {', '.join(stray[:3])}"] if stray else [])
+        if problems:
+            return False, f"{run_dir}: " + "; ".join(problems)
+        return True, "no symbolic links; every artifact in a stage or shard directory"
+
+
+class MemoryChecksPassed(Invariant):
+    """Prevents ignoring what the run observed after each model slot closed (a base model
+    still alive): every released-check recorded in run.json `memory_checks` passed, and
+    there is one for every slot the run opened (slot_events loads)."""
+
+    name = "memory_checks_passed"
+
+    def _check(self, run_json):
+        checks = (run_json or {}).get("memory_checks")
+        loads = [e for e in (run_json or {}).get("slot_events") or [] if isinstance(e, dict) and e.get("event") == "load"]
+        if not isinstance(checks, list) or not checks:
+            return False, "run.json records no memory check after a slot closed (memory_checks)"
+        results = [r for c in checks if isinstance(c, dict) for r in (c.get("results") or [])]
+        bad = [r for r in results if not isinstance(r, dict) or r.get("status") != "pass"]
+        if bad:
+            first = bad[0] if isinstance(bad[0], dict) else {}
+            return False, f"{len(bad)} recorded memory check(s) did not pass; {first.get('name')}: {first.get('evidence')}"
+        unsharded = [e for e in loads if not e.get("shard")]
+        if len(checks) < len(unsharded):
+            return False, f"{len(unsharded)} slot(s) opened but {len(checks)} released-check(s) recorded"
+        return True, f"{len(checks)} slot(s) checked released after closing, {len(results)} result(s), all passed"
+
+
 def check_run(run_dir: str | Path) -> Report:
     """Every artifact below `run_dir`, plus run-level checks. Fails closed: whatever cannot
     be read or checked is a failed result naming it, never an exception or a silent skip."""
@@ -302,7 +375,11 @@ def check_run(run_dir: str | Path) -> Report:
         info = run_info(run_dir)
     except CaiError:
         info = {"run_json": None, "config": None, "config_hash": None}  # RunIndexConsistent says why
-    results: list[Result] = [RunIndexConsistent().check(run_dir), RequiredStagesPresent().check((run_dir, info["run_json"]))]
+    results: list[Result] = [RunIndexConsistent().check(run_dir), RequiredStagesPresent().check((run_dir, info["run_json"])),
+                             RunLayout().check(run_dir)]
+    rj = info["run_json"] or {}
+    if "memory_checks" in rj or "status" in rj:  # every run.json `cai run` writes has them
+        results.append(MemoryChecksPassed().check(rj))
     manifests: dict[str, dict] = {}
     for a in artifacts:
         rel = a.relative_to(run_dir).as_posix()

@@ -7,6 +7,7 @@ where `config_hash` is the run's (RunConfig.hash()).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,9 @@ class ManifestComplete(Invariant):
             return False, f"{a.dir}: manifest invariants is not a list of results"
         if bool(m["certified"]) != certifies(m["invariants"]):
             state = ("include failures" if not all_passed(m["invariants"]) else
-                     "passed" if m["invariants"] else "are missing (nothing was checked)")
+                     "are missing (nothing was checked)" if not m["invariants"] else
+                     "passed" if certifies(m["invariants"]) else
+                     "hold no passing error-severity check or an outcome cai never writes")
             return False, f"{a.dir}: certified={m['certified']} but its recorded invariants {state}"
         return True, f"stage {m['stage']!r} complete, {m['outputs'].get('records', 0)} record(s)"
 
@@ -211,6 +214,15 @@ class InputsAsDeclared(Invariant):
         shards = len(got) - len(upstream)
         if upstream != want or (is_shard and shards):
             return False, f"stage {stage!r} names inputs {got}, the pipeline feeds it {want}"
+        from cai.pipeline.store import input_dir
+
+        root = a.dir.parents[2] if is_shard else a.dir.parent  # RUN/shards/STAGE/I-of-N or RUN/STAGE
+        for e in entries:
+            own_shard = e.get("stage") == stage
+            expected = Path(os.path.normpath(root / "shards" / stage if own_shard else root / str(e.get("stage"))))
+            where = input_dir(a.dir, e)
+            if (where.parent if own_shard else where) != expected:
+                return False, f"input {e.get('stage')!r} points at {e.get('path')!r}, not the run's {e.get('stage')} directory"
         return True, f"stage {stage!r} built from {want or 'no input'}" + (f" and {shards} shard(s)" if shards else "")
 
 
@@ -239,6 +251,28 @@ class WeightsAsDeclared(Invariant):
         if problems:
             return False, f"{a.dir}: " + "; ".join(problems)
         return True, f"weights loaded as declared: quantization {declared_q}, dtypes {observed.get('dtypes')}"
+
+
+class ModelAsConfigured(Invariant):
+    """Prevents a run relabelled under another config (its config edited and re-hashed): the
+    model each artifact records having loaded — source, dtype, quantization, remote code —
+    is the model the run's config names."""
+
+    name = "model_as_configured"
+
+    def __init__(self, model_cfg):
+        self.want = {"source": model_cfg.source, "dtype": model_cfg.dtype, "quantization": model_cfg.quantization,
+                     "trust_remote_code": model_cfg.trust_remote_code}
+
+    def _check(self, subject):
+        a = as_artifact(subject)
+        if a.manifest is None:
+            return False, a.error
+        model = a.manifest.get("model") if isinstance(a.manifest.get("model"), dict) else {}
+        odd = [f"{k} {model.get(k)!r} (config: {v!r})" for k, v in self.want.items() if model.get(k) != v]
+        if odd:
+            return False, f"{a.dir}: the recorded model is not the configured one: " + "; ".join(odd)
+        return True, f"model {self.want['source']!r} ({self.want['dtype']}, quantization {self.want['quantization']}) as configured"
 
 
 def provenance_invariants(config_hash: str | None = None) -> list[Invariant]:

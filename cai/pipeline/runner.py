@@ -176,6 +176,7 @@ class Run:
         if previous is not None:
             self.index["stages"] = previous.get("stages", {})
             self.index["slot_events"] = previous.get("slot_events", [])
+            self.index["memory_checks"] = previous.get("memory_checks", [])
         self.save()
 
     def save(self) -> None:
@@ -187,6 +188,9 @@ class Run:
             seen = {json.dumps(e, sort_keys=True) for e in disk.get("slot_events", [])}
             self.index["slot_events"] = disk.get("slot_events", []) + [
                 e for e in self.index.get("slot_events", []) if json.dumps(e, sort_keys=True) not in seen]
+            checked = {json.dumps(c, sort_keys=True) for c in disk.get("memory_checks", [])}
+            self.index["memory_checks"] = disk.get("memory_checks", []) + [
+                c for c in self.index.get("memory_checks", []) if json.dumps(c, sort_keys=True) not in checked]
         write_json_atomic(self.index_path, self.index)
 
     def check_released(self, slot) -> None:
@@ -195,7 +199,8 @@ class Run:
         from cai.invariants import evaluate, memory_invariants
 
         results = evaluate(memory_invariants(), slot)
-        self.index.setdefault("memory_checks", []).append({"slot": slot.label, "results": [r.to_json() for r in results]})
+        self.index.setdefault("memory_checks", []).append({"slot": slot.label, "time": time.time(),
+                                                           "results": [r.to_json() for r in results]})
         self.save()
         raise_on_failures(results)
 
@@ -356,6 +361,7 @@ def _finish_training(run: Run, stage: str, writer: ArtifactWriter, result: dict,
     from cai.invariants.artifacts import stage_results
 
     files = [p for p in adapter.rglob("*") if p.is_file()]
+    files += [p for p in (writer.dir / n for n in ("loss_curve.json", "loss_curve.png", "training.json")) if p.is_file()]
     results = [Result.from_json(r) if isinstance(r, dict) else r for r in result.get("invariants", [])]
     listed = {p.resolve().relative_to(writer.dir.resolve()).as_posix(): {} for p in files}
     results += stage_results(stage, writer.done, run.cfg, writer.dir, listed) + evaluate(open_slot_invariants(), slot)

@@ -294,12 +294,17 @@ class ArtifactWriter:
             self._fh = None
 
 
-def certifies(results: list[dict[str, Any]]) -> bool:
-    """Invariant results certify an artifact when there are some and no error-severity one
-    failed: an artifact nothing checked is never certified."""
-    from cai.invariants.base import all_passed
+VALID_OUTCOMES = {("pass", "error"), ("pass", "warning"), ("warn", "warning")}
 
-    return bool(results) and all_passed(results)
+
+def certifies(results: list[dict[str, Any]]) -> bool:
+    """Invariant results certify an artifact when there are some, at least one is an
+    error-severity check, and every one passed (or, for a warning-severity one, warned): an
+    artifact nothing blocking checked is never certified, and a result whose status or
+    severity is not one cai writes (a hand-edited "warn" on an error check) counts as failed."""
+    outcomes = [(r.get("status"), r.get("severity")) if isinstance(r, dict) else None for r in results]
+    return (bool(outcomes) and all(o in VALID_OUTCOMES for o in outcomes)
+            and any(o == ("pass", "error") for o in outcomes))
 
 
 @dataclass
