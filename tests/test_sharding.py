@@ -154,9 +154,14 @@ def test_merged_stats_are_the_unsharded_stats(runs):
         assert merged["critic"][key] == ref["critic"][key], key
 
 
-def test_sharded_run_passes_cai_check(runs):
-    proc = subprocess.run([sys.executable, "-m", "cai", "check", str(runs["sharded"])], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+def test_sharded_data_stages_pass_every_check_but_do_not_count_yet(runs):
+    """Every check of the merged and shard artifacts passes; the run does not count until
+    training and evaluation exist (`cai run --resume`), and `cai check` says exactly that."""
+    proc = subprocess.run([sys.executable, "-m", "cai", "check", str(runs["sharded"]), "--format", "json"],
+                          capture_output=True, text=True)
+    failed = [r for r in json.loads(proc.stdout)["results"] if r["status"] == "fail"]
+    assert proc.returncode == 1 and [r["name"] for r in failed] == ["required_stages_present"], failed
+    assert all(f"{stage}: " in failed[0]["evidence"] for stage in ("sft", "dpo", "eval"))
 
 
 # --------------------------------------------------------------------------- refusals

@@ -583,6 +583,7 @@ def run_sharded(cfg: RunConfig, out: Path, shard: Shard) -> None:
         del gen
     with run_lock(out):
         run.record_slot_events()
+        run.check_released(slot)
 
 
 def data_generator(cfg: RunConfig, slot):
@@ -783,6 +784,8 @@ def cli_main(args) -> int:
         log(str(err))
         log(f"run VOID: see {out / 'reports'}")
         return 1
+    except CaiError:
+        raise  # already says what and where (a claim refused, bad input found late)
     except Exception as err:
         fault = stage_fault(err, cfg, out, args.config)
         if fault is None:
