@@ -27,7 +27,7 @@ from cai.errors import CaiError, describe_os_error, os_error_in
 HANDLERS = {
     "run": "cai.pipeline.runner",
     "preflight": "cai.audit.preflight",
-    "audit": "cai.audit.static",
+    "audit": "cai.audit.cli",
     "check": "cai.invariants.check",
     "score": "cai.pipeline.evaluate",
     "report": "cai.harness.report",
@@ -73,8 +73,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report directory (default: reports/preflight)")
 
     p = sub.add_parser("audit", help="static audit of a training codebase")
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--format", choices=["text", "json", "sarif"], default="text")
+    importlib.import_module("cai.audit.cli").add_arguments(p)
 
     p = sub.add_parser("check", help="invariants on a model dir / GGUF file, a JSONL file, or a run dir")
     p.add_argument("paths", nargs="+", metavar="PATH")

@@ -292,10 +292,10 @@ def test_cai_itself_has_no_error_findings():
 def test_json_shape():
     result = audit([str(FIX / "chat_template" / "bad")])
     doc = json.loads(render(result, "json"))
-    assert set(doc) == {"findings", "summary"}
+    assert set(doc) == {"findings", "suppressed", "summary"} and doc["suppressed"] == []
     assert len(doc["findings"]) == len(result.findings) > 0
     for f in doc["findings"]:
-        assert {"rule", "category", "severity", "path", "line", "message"} <= set(f)
+        assert {"rule", "category", "severity", "path", "line", "message", "fix", "fingerprint"} <= set(f)
         assert f["severity"] in ("error", "warning") and f["category"] in CATEGORIES
         assert isinstance(f["line"], int) and f["line"] >= 1 and not f["path"].startswith("/")
     s = doc["summary"]

@@ -10,6 +10,7 @@ a path the user gave, so `cai audit tests/fixtures/audit/x` audits that fixture.
 from __future__ import annotations
 
 import ast
+import fnmatch
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +37,14 @@ def _excluded(dirpath: Path, name: str) -> bool:
     if name in DEFAULT_EXCLUDED_DIRS or name.endswith(".egg-info"):
         return True
     return name == "fixtures" and dirpath.name in TEST_DIR_NAMES
+
+
+def excluded_by(rel: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a root-relative path matches an --exclude glob, itself or through one of its
+    directories (`archive`, `archive/**`, `scripts/old_*.py`; `*` also crosses `/`)."""
+    parts = rel.split("/")
+    prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return any(fnmatch.fnmatchcase(p, pat.rstrip("/")) for pat in patterns for p in prefixes)
 
 
 def discover(paths: list[str]) -> tuple[Path, list[Path], list[Path]]:
@@ -109,6 +118,7 @@ class SourceFile:
     classes: dict[str, ast.ClassDef] = field(default_factory=dict)
     consts: dict[str, ast.expr] = field(default_factory=dict)
     imported: set[str] = field(default_factory=set)  # absolute dotted names this file imports
+    lines: list[str] = field(default_factory=list)  # source lines (suppression comments, fingerprints)
 
     _nodes: list | None = None
     _names: set | None = None
@@ -176,8 +186,13 @@ def parse_source(data: bytes, rel: str) -> tuple[ast.Module | None, tuple[int, i
 class Codebase:
     """Parsed files plus the import graph and call resolution within the audited code."""
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], exclude: tuple[str, ...] = ()):
         self.root, py, text = discover(paths)
+        if exclude:
+            py = [p for p in py if not excluded_by(p.relative_to(self.root).as_posix(), exclude)]
+            text = [t for t in text if not excluded_by(t.relative_to(self.root).as_posix(), exclude)]
+            if not py:
+                raise BadInputError(f"no Python files in {', '.join(paths)} outside --exclude {' '.join(exclude)}")
         self.files: list[SourceFile] = []
         for p in py:
             rel = p.relative_to(self.root).as_posix()
@@ -192,6 +207,7 @@ class Codebase:
                 sf.error = (1, 1, f"cannot read: {e.strerror}")
             else:
                 sf.tree, sf.error = parse_source(data, rel)
+                sf.lines = data.decode("utf-8", errors="replace").splitlines()
             sf.is_test = is_test_file(rel, sf.tree)
             self.files.append(sf)
         self.text_files = [(t.relative_to(self.root).as_posix(), t) for t in text]

@@ -29,6 +29,7 @@ marks something that is often a defect but has legitimate uses, so a person must
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 CATEGORIES = (
@@ -168,8 +169,17 @@ RULES: dict[str, Rule] = {
 }
 
 
+SENTENCE_END = re.compile(r"\.\s+(?=[A-Z`(])")
+
+
 @dataclass(frozen=True)
 class Finding:
+    """One finding. `message` says what and why; `fix` says how to fix it (split off a message's
+    trailing "Fix: ..." or, without one, the rule's help), so the text output can stay one short
+    line while JSON/SARIF carry both. `suppressed` is the reason of an inline
+    `# cai: ignore[rule] reason` on the reported line (None when not suppressed); `fingerprint`
+    identifies the finding across edits that move lines (see `cai.audit.static.fingerprint`)."""
+
     rule: str
     path: str  # relative to the audited root, POSIX separators
     line: int
@@ -177,6 +187,9 @@ class Finding:
     column: int = 1
     category: str = field(default="")
     severity: str = field(default="")
+    fix: str = ""
+    suppressed: str | None = None
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
         rule = RULES[self.rule]
@@ -184,10 +197,24 @@ class Finding:
             object.__setattr__(self, "category", rule.category)
         if not self.severity:
             object.__setattr__(self, "severity", rule.severity)
+        if not self.fix:
+            what, sep, fix = self.message.partition(" Fix: ")
+            object.__setattr__(self, "message", what.strip() if sep else self.message)
+            object.__setattr__(self, "fix", fix.strip() if sep else rule.help)
+
+    @property
+    def short(self) -> str:
+        """The message's first sentence: what the text output prints."""
+        head = SENTENCE_END.split(self.message, maxsplit=1)[0].rstrip(".")
+        return head + "."
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        return {k: d[k] for k in ("rule", "category", "severity", "path", "line", "column", "message")}
+        keys = ("rule", "category", "severity", "path", "line", "column", "message", "fix", "fingerprint")
+        out = {k: d[k] for k in keys}
+        if self.suppressed is not None:
+            out["suppressed"] = {"reason": self.suppressed}
+        return out
 
     @property
     def sort_key(self) -> tuple:
