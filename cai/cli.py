@@ -31,6 +31,7 @@ HANDLERS = {
     "check": "cai.invariants.check",
     "score": "cai.pipeline.evaluate",
     "report": "cai.harness.report",
+    "compare": "cai.pipeline.compare_cli",
 }
 
 EXIT_CODES = {  # code -> (what it means, more)
@@ -83,6 +84,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="JSONL: key, prompt, instruction_id_list, kwargs")
     p.add_argument("--responses", required=True, help="JSONL: prompt (or key), response")
     p.add_argument("--format", choices=["text", "json"], default="text")
+
+    p = sub.add_parser("compare", help="paired statistics + artifact diagnostics for per-item verdicts made anywhere")
+    importlib.import_module("cai.pipeline.compare_cli").add_arguments(p)
 
     p = sub.add_parser("report", help="rebuild a run's report")
     p.add_argument("run_dir")

@@ -61,6 +61,11 @@ def test_scoring_artifact_diagnostics(results, cai_gate):
             cai_gate.record(Result("length_does_not_decide", Status.WARN if lr["warning"] else Status.PASS, Severity.WARN,
                                    f"{suite}/{model}: best length rule ({lr.get('rule', 'n/a')}) matches {lr['accuracy']} "
                                    f"of {lr['n']} verdicts, majority guess {lr['majority']}"), subject=f"eval/{suite}/{model}")
+            rr = s["refusal_rule"]
+            cai_gate.record(Result("refusal_does_not_decide", Status.WARN if rr["warning"] else Status.PASS, Severity.WARN,
+                                   f"{suite}/{model}: 'empty or refusal' ({rr['n_flagged']} of {rr['n']}) rule "
+                                   f"({rr.get('rule', 'n/a')}) matches {rr['accuracy']}, majority guess {rr['majority']}"),
+                            subject=f"eval/{suite}/{model}")
             lc = s["length_confound"]
             cai_gate.record(Result("no_length_confound", Status.WARN if lc["warning"] else Status.PASS, Severity.WARN,
                                    f"{suite}/{model}: corr(pass, chars) = {lc['corr']} over {lc['n']} items "

@@ -222,11 +222,15 @@ def _results_section(results: dict[str, Any]) -> list[str]:
         ids = sorted({i for s in primary.values() for i in s["per_instruction"]})
         names = list(primary)
         md += ["### Per instruction type (primary, instruction-level strict, 95% CI)", "",
-               "| instruction | N | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+               "Each type's CI resamples the clusters of the items carrying it; a type drawn from one cluster "
+               "(marked †) resamples its items, which holds its template fixed.", "",
+               "| instruction | N | clusters | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
         for iid in ids:
             cells = [primary[m]["per_instruction"].get(iid) for m in names]
-            n = next(c["n"] for c in cells if c)
-            md.append(f"| {iid} | {n} | " + " | ".join(_acc_ci(c["strict"], c["strict_ci"]) if c else "-" for c in cells) + " |")
+            first = next(c for c in cells if c)
+            mark = " †" if first["n_clusters"] < 2 else ""
+            md.append(f"| {iid} | {first['n']} | {first['n_clusters']}{mark} | "
+                      + " | ".join(_acc_ci(c["strict"], c["strict_ci"]) if c else "-" for c in cells) + " |")
         md.append("")
     return md
 

@@ -28,13 +28,17 @@ SUITE_MODELS = {"primary": ("base", "sft", "dpo"), "raw_probe": ("base", "sft", 
 FEWSHOT_EXAMPLES = 3
 
 
+def eval_set_path(name: str) -> Path:
+    """The file of an eval set: `stage1` is the set shipped with cai, any other name a path."""
+    if name == "stage1":
+        return Path(str(resources.files("cai") / "data" / "eval" / "stage1_eval.jsonl"))
+    return Path(name)
+
+
 def load_eval_set(name: str, limit: int | None = None) -> list[dict[str, Any]]:
     """`stage1` (shipped with cai) or a JSONL path in the IFEval schema. `limit` takes a
     deterministic round-robin over instruction types, so a small slice still covers them."""
-    if name == "stage1":
-        path = Path(str(resources.files("cai") / "data" / "eval" / "stage1_eval.jsonl"))
-    else:
-        path = Path(name)
+    path = eval_set_path(name)
     items = read_jsonl(path)
     for lineno, item in enumerate(items, start=1):
         missing = {"key", "prompt", "instruction_id_list", "kwargs"} - item.keys()
@@ -132,6 +136,13 @@ def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: lis
 
 
 # --------------------------------------------------------------------------- results
+#
+# One implementation of the statistics and the artifact diagnostics, on per-item verdict
+# lists, shared by `summarize` (a run's eval records, scored here) and `cai compare`
+# (verdicts produced anywhere). A verdict is a dict with `passed` (bool) and `cluster`
+# (the bootstrap's unit) and, where known: `key`, `eval_set`, `instruction`, `response`,
+# `stop_reason`, and the canonical scorer's per-instruction fields (`instruction_id_list`,
+# `follow_instruction_list_strict` / `_loose`, `prompt_level_strict` / `_loose`).
 
 PAIRS = (("base", "sft"), ("base", "dpo"), ("sft", "dpo"))
 # Training vs prompting: the trained models in the training format against the base model
@@ -143,12 +154,21 @@ LENGTH_FAMILY = "length_constraints:"
 ARTIFACT_RATE = 0.10  # truncated or empty responses above this share of a (suite, model) are warned
 CLUSTERING = ("the item's `cluster` field, else its instruction-id list joined with '+' "
               "(the template family: the shipped Stage-1 set writes each family from one or two templates)")
+RULE_MIN_N = 10
+RULE_LIFT = 0.25  # a one-feature rule that beats always-guess-the-majority by this much is warned
+
+# Openings that mark a refusal (matched, case-insensitive, at the start of the response after
+# quotes and whitespace; "as an ai" anywhere in its first 200 characters). Deliberately short:
+# it feeds a diagnostic, never a score.
+REFUSAL_PHRASES = ("i'm sorry", "i am sorry", "sorry, but", "i apologize", "i cannot", "i can't", "i can not",
+                   "i won't", "i will not", "i'm unable", "i am unable", "i'm not able", "i am not able")
+REFUSAL_ANYWHERE = ("as an ai",)
 
 
 # The suite's warning rows (suites/test_stage1.py) that restate a warning of `_warnings`
 # from the same scores and thresholds: where results are shown, the report lists it once.
 RESULTS_WARNING_ROWS = frozenset({"base_below_ceiling", "training_beats_prompting", "responses_not_cut",
-                                  "length_does_not_decide", "no_length_confound"})
+                                  "length_does_not_decide", "refusal_does_not_decide", "no_length_confound"})
 
 
 def cluster_of(item: dict) -> str:
@@ -157,13 +177,42 @@ def cluster_of(item: dict) -> str:
     return str(item.get("cluster") or "+".join(item["instruction_id_list"]))
 
 
-def _length_confound(scored: list[dict], responses: dict[Any, str]) -> dict[str, Any]:
+def is_empty_or_refusal(text: str) -> bool:
+    """Empty, or opening with one of `REFUSAL_PHRASES`. A diagnostic feature only (does this
+    alone predict the verdicts?), never a scorer: the phrase list is short on purpose and
+    misses refusals it does not name."""
+    head = " ".join(text.replace("\u2019", "'").lower().split())[:200]
+    opening = head.lstrip("\"'*-> ")
+    return not opening or opening.startswith(REFUSAL_PHRASES) or any(p in head for p in REFUSAL_ANYWHERE)
+
+
+def _is_artifact(v: dict) -> bool:
+    """A response that hit the token cap or is empty: a fail it earned by being cut, not by
+    ignoring the instruction (unknown fields count as not cut)."""
+    return v.get("stop_reason") == "length" or (v.get("response") is not None and not v["response"].strip())
+
+
+def _rule_fit(passed: list[int], features) -> tuple[int, float, bool, float]:
+    """(best feature row, its accuracy, whether 'pass iff feature' (else 'pass iff not'),
+    majority accuracy) for one-feature rules (rows of a 0/1 matrix) predicting the verdicts."""
+    import numpy as np
+
+    y = np.asarray(passed, dtype=int)
+    f = np.atleast_2d(np.asarray(features, dtype=int))
+    acc_pos = (f == y).mean(axis=1)
+    acc_neg = (1 - f == y).mean(axis=1)
+    best = int(np.argmax(np.maximum(acc_pos, acc_neg)))
+    majority = max(int(y.sum()), y.size - int(y.sum())) / y.size
+    return best, float(max(acc_pos[best], acc_neg[best])), bool(acc_pos[best] >= acc_neg[best]), majority
+
+
+def _length_confound(verdicts: list[dict]) -> dict[str, Any]:
     """Does pass/fail track response length where no instruction constrains length? A scorer
     that fails long answers produces exactly this pattern (the 81% -> 99.3% lesson)."""
     import numpy as np
 
-    rows = [(int(it["prompt_level_strict"]), len(responses[item_id(it)])) for it in scored
-            if not any(i.startswith(LENGTH_FAMILY) for i in it["instruction_id_list"])]
+    rows = [(int(v["passed"]), len(v["response"])) for v in verdicts
+            if not any(i.startswith(LENGTH_FAMILY) for i in v.get("instruction_id_list") or ())]
     if len(rows) < 5 or len({r[0] for r in rows}) < 2 or len({r[1] for r in rows}) < 2:
         return {"n": len(rows), "corr": None, "warning": False}
     passed, length = np.array(rows, dtype=float).T
@@ -174,10 +223,6 @@ def _length_confound(scored: list[dict], responses: dict[Any, str]) -> dict[str,
             "warning": abs(corr) >= LENGTH_CONFOUND_CORR}
 
 
-LENGTH_RULE_MIN_N = 10
-LENGTH_RULE_LIFT = 0.25  # a length threshold that beats always-guess-the-majority by this much is warned
-
-
 def _length_rule(passed: list[int], chars: list[int]) -> dict[str, Any]:
     """How well the best single threshold on response length predicts the verdicts (pass
     iff shorter than t, or iff at least t), against guessing the majority verdict. A
@@ -185,131 +230,196 @@ def _length_rule(passed: list[int], chars: list[int]) -> dict[str, Any]:
     alone a near-perfect predictor."""
     import numpy as np
 
-    y, x = np.asarray(passed, dtype=int), np.asarray(chars, dtype=float)
-    n = y.size
-    majority = max(int(y.sum()), n - int(y.sum())) / n if n else 0.0
-    if n < LENGTH_RULE_MIN_N or len(set(passed)) < 2:
+    n = len(passed)
+    majority = max(sum(passed), n - sum(passed)) / n if n else 0.0
+    if n < RULE_MIN_N or len(set(passed)) < 2:
         return {"n": n, "accuracy": None, "majority": round(majority, 3), "warning": False}
+    x = np.asarray(chars, dtype=float)
     thresholds = np.unique(x)
-    shorter = (x[None, :] < thresholds[:, None]).astype(int)  # rule: pass iff len < t
-    acc_short = (shorter == y).mean(axis=1)
-    acc_long = (1 - shorter == y).mean(axis=1)
-    best = int(np.argmax(np.maximum(acc_short, acc_long)))
-    accuracy = float(max(acc_short[best], acc_long[best]))
+    best, accuracy, shorter_passes, majority = _rule_fit(passed, x[None, :] < thresholds[:, None])
     rule = ("none beats the majority" if accuracy <= majority else
-            f"pass iff < {int(thresholds[best])} chars" if acc_short[best] >= acc_long[best]
-            else f"pass iff >= {int(thresholds[best])} chars")
+            f"pass iff < {int(thresholds[best])} chars" if shorter_passes else f"pass iff >= {int(thresholds[best])} chars")
     return {"n": n, "accuracy": round(accuracy, 3), "rule": rule, "majority": round(majority, 3),
-            "warning": accuracy - majority >= LENGTH_RULE_LIFT}
+            "warning": accuracy - majority >= RULE_LIFT}
 
 
-def _is_artifact(row: dict) -> bool:
-    """A response that hit the token cap or is empty: a fail it earned by being cut, not by
-    ignoring the instruction."""
-    return row["stop_reason"] == "length" or not row["response"].strip()
+def _refusal_rule(passed: list[int], responses: list[str]) -> dict[str, Any]:
+    """How well "the response is empty or a refusal" (`is_empty_or_refusal`) predicts the
+    verdicts, against guessing the majority. When it predicts them well, the comparison
+    measures who answered at all (empty generations, refusals), not instruction following.
+    A diagnostic, never a scorer."""
+    flags = [int(is_empty_or_refusal(r)) for r in responses]
+    n = len(passed)
+    out = {"n": n, "n_flagged": sum(flags), "flagged_passed": sum(f and p for f, p in zip(flags, passed))}
+    majority = max(sum(passed), n - sum(passed)) / n if n else 0.0
+    if n < RULE_MIN_N or len(set(passed)) < 2 or len(set(flags)) < 2:
+        return {**out, "accuracy": None, "majority": round(majority, 3), "warning": False}
+    _, accuracy, flagged_passes, majority = _rule_fit(passed, [flags])
+    rule = ("none beats the majority" if accuracy <= majority else
+            "pass iff empty or a refusal" if flagged_passes else "fail iff empty or a refusal")
+    return {**out, "accuracy": round(accuracy, 3), "rule": rule, "majority": round(majority, 3),
+            "warning": accuracy - majority >= RULE_LIFT}
 
 
-def _model_scores(cfg: RunConfig, by_id: dict, rows: list[dict]) -> tuple[dict[str, Any], dict[tuple, dict]]:
-    """One (suite, model): IFEval accuracies with cluster-bootstrap CIs and their N, per
-    instruction type with N and CI, and the truncation / empty-response rates."""
-    from cai.pipeline.evaluate import score
+def verdict_scores(verdicts: list[dict], n_resamples: int, seed: int) -> dict[str, Any]:
+    """One model's verdicts: prompt-level accuracy with its cluster-bootstrap CI and N;
+    where the canonical scorer's per-instruction fields are present, instruction-level and
+    per-type accuracies (each type resampled over the clusters of the items carrying it)
+    with their N and CI; and the artifact diagnostics the known fields allow (`None` where a
+    field is missing: truncation needs `stop_reason`, the rest `response`)."""
+    from cai.pipeline.evaluate import _aggregate
     from cai.pipeline.stats import bootstrap_mean_ci
 
-    # The scorer joins by key: it is given "set:key" (what its messages name), mapped back below.
-    ids = [item_id(r) for r in rows]
-    label = {f"{u[0]}:{u[1]}": u for u in ids}
-    report = score([{**by_id[u], "key": f"{u[0]}:{u[1]}"} for u in ids],
-                   [{"key": f"{u[0]}:{u[1]}", "response": r["response"]} for u, r in zip(ids, rows)])
-    report.items = [{**it, "eval_set": label[it["key"]][0], "key": by_id[label[it["key"]]]["key"]} for it in report.items]
-    texts = {u: r["response"] for u, r in zip(ids, rows)}
-    boot = {"n_resamples": cfg.eval.bootstrap_resamples, "seed": cfg.seed}
-    clusters = [cluster_of(by_id[item_id(it)]) for it in report.items]
-    strict = [int(it["prompt_level_strict"]) for it in report.items]
-    _, lo, hi = bootstrap_mean_ci(strict, clusters=clusters, **boot)
-    inst = [(int(ok), c, iid) for it, c in zip(report.items, clusters)
-            for iid, ok in zip(it["instruction_id_list"], it["follow_instruction_list_strict"])]
-    _, ilo, ihi = bootstrap_mean_ci([v for v, _, _ in inst], clusters=[c for _, c, _ in inst], **boot)
-    per_instruction = {}
-    for iid, p in report.per_instruction.items():
-        # Within one type the template is (nearly) constant, so its items are resampled.
-        _, tlo, thi = bootstrap_mean_ci([v for v, _, t in inst if t == iid], **boot)
-        per_instruction[iid] = {**p, "strict_ci": [tlo, thi]}
-    n = len(rows)
-    truncated = sum(r["stop_reason"] == "length" for r in rows)
-    empty = sum(not r["response"].strip() for r in rows)
-    out = {
-        "n": report.n_prompts, "n_clusters": len(set(clusters)),
-        "prompt_level_strict": report.prompt_level_strict, "prompt_level_strict_ci": [lo, hi],
-        "n_instructions": report.n_instructions,
-        "instruction_level_strict": report.instruction_level_strict, "instruction_level_strict_ci": [ilo, ihi],
-        "prompt_level_loose": report.prompt_level_loose,
-        "instruction_level_loose": report.instruction_level_loose,
-        "per_instruction": per_instruction,
-        "mean_response_chars": round(sum(map(len, texts.values())) / max(len(texts), 1), 1),
-        "stop_reasons": dict(sorted(_count(r["stop_reason"] for r in rows).items())),
-        "n_truncated": truncated, "truncated_rate": truncated / n if n else 0.0,
-        "n_empty": empty, "empty_rate": empty / n if n else 0.0,
-        "length_confound": _length_confound(report.items, texts),
-        "length_rule": _length_rule(strict, [len(texts[item_id(it)]) for it in report.items]),
-    }
-    raw = dict(zip(ids, rows))
-    return out, {item_id(it): {**it, "response": texts[item_id(it)], "artifact": _is_artifact(raw[item_id(it)])}
-                 for it in report.items}
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    n = len(verdicts)
+    clusters = [v["cluster"] for v in verdicts]
+    strict = [int(v["passed"]) for v in verdicts]
+    mean, lo, hi = bootstrap_mean_ci(strict, clusters=clusters, **boot)
+    out: dict[str, Any] = {"n": n, "n_clusters": len(set(clusters)), "prompt_level_strict": mean,
+                           "prompt_level_strict_ci": [lo, hi]}
+    if all("follow_instruction_list_strict" in v for v in verdicts):
+        report = _aggregate(verdicts, [])
+        inst = [(int(ok), v["cluster"], iid) for v in verdicts
+                for iid, ok in zip(v["instruction_id_list"], v["follow_instruction_list_strict"])]
+        _, ilo, ihi = bootstrap_mean_ci([x for x, _, _ in inst], clusters=[c for _, c, _ in inst], **boot)
+        per_instruction = {}
+        for iid, p in report.per_instruction.items():
+            values = [x for x, _, t in inst if t == iid]
+            cl = [c for _, c, t in inst if t == iid]
+            k = len(set(cl))
+            # Resampled over the type's clusters; a type drawn from one cluster has no
+            # between-cluster spread to resample, so its items are, and the row says so.
+            _, tlo, thi = bootstrap_mean_ci(values, clusters=cl if k > 1 else None, **boot)
+            per_instruction[iid] = {**p, "n_clusters": k, "strict_ci": [tlo, thi],
+                                    "ci_resamples": "clusters" if k > 1 else "items (one cluster)"}
+        out.update({"n_instructions": report.n_instructions,
+                    "instruction_level_strict": report.instruction_level_strict,
+                    "instruction_level_strict_ci": [ilo, ihi],
+                    "prompt_level_loose": report.prompt_level_loose,
+                    "instruction_level_loose": report.instruction_level_loose,
+                    "per_instruction": per_instruction})
+    if all(isinstance(v.get("stop_reason"), str) for v in verdicts):
+        truncated = sum(v["stop_reason"] == "length" for v in verdicts)
+        out.update({"stop_reasons": dict(sorted(_count(v["stop_reason"] for v in verdicts).items())),
+                    "n_truncated": truncated, "truncated_rate": truncated / n})
+    else:
+        out.update({"n_truncated": None, "truncated_rate": None})
+    if all(isinstance(v.get("response"), str) for v in verdicts):
+        texts = [v["response"] for v in verdicts]
+        empty = sum(not t.strip() for t in texts)
+        out.update({"mean_response_chars": round(sum(map(len, texts)) / n, 1),
+                    "n_empty": empty, "empty_rate": empty / n,
+                    "length_confound": _length_confound(verdicts),
+                    "length_rule": _length_rule(strict, [len(t) for t in texts]),
+                    "refusal_rule": _refusal_rule(strict, texts)})
+    else:
+        out.update({"n_empty": None, "empty_rate": None, "length_confound": None, "length_rule": None,
+                    "refusal_rule": None})
+    return out
 
 
-def _sentence(a: tuple[str, str], b: tuple[str, str], diff: float, lo: float, hi: float, p_holm: float) -> str:
+def paired_comparison(va: dict[Any, dict], vb: dict[Any, dict], names: tuple[str, str], n_resamples: int,
+                      seed: int) -> dict[str, Any]:
+    """b against a on the items both have: the difference in accuracy with its paired
+    cluster-bootstrap CI, exact McNemar, and every discordant item with the checks that
+    decided it and whether the failing response was cut (truncated or empty)."""
+    from cai.pipeline.stats import mcnemar_exact, paired_bootstrap_ci
+
+    a, b = names
+    keys = sorted(set(va) & set(vb))
+    xa = [int(va[k]["passed"]) for k in keys]
+    xb = [int(vb[k]["passed"]) for k in keys]
+    clusters = [va[k]["cluster"] for k in keys]
+    diff, lo, hi = paired_bootstrap_ci(xb, xa, n_resamples=n_resamples, seed=seed, clusters=clusters)
+    b01, b10, p = mcnemar_exact(xa, xb)
+    discordant = []
+    for k, pa, pb in zip(keys, xa, xb):
+        if pa != pb:
+            ia, ib = va[k], vb[k]
+            deciding = [iid for iid, sa, sb in zip(ia.get("instruction_id_list") or (), ia.get("follow_instruction_list_strict") or (),
+                                                   ib.get("follow_instruction_list_strict") or ()) if sa != sb]
+            discordant.append({"eval_set": ia.get("eval_set"), "key": ia.get("key"), "instruction": ia.get("instruction"),
+                               "deciding_checks": deciding, f"{a}_pass": bool(pa), f"{b}_pass": bool(pb),
+                               f"{a}_response": ia.get("response"), f"{b}_response": ib.get("response"),
+                               "loser_truncated_or_empty": _is_artifact(ia if pb else ib)})
+    return {"n": len(keys), "n_clusters": len(set(clusters)), "diff_b_minus_a": diff, "ci95": [lo, hi],
+            "mcnemar_p": p, "a_only_pass": b10, "b_only_pass": b01,
+            "discordant_truncated_or_empty": sum(d["loser_truncated_or_empty"] for d in discordant),
+            "discordant": discordant}
+
+
+def model_warnings(label: str, s: dict[str, Any]) -> list[str]:
+    """The artifact diagnostics of one model's `verdict_scores` that fired, one line each."""
+    warnings = []
+    if s["length_confound"] and s["length_confound"]["warning"]:
+        warnings.append(f"length confound ({label}): pass/fail correlates with response length "
+                        f"(r = {s['length_confound']['corr']}) on items with no length constraint")
+    lr = s["length_rule"]
+    if lr and lr["warning"]:
+        warnings.append(f"length predicts the verdict ({label}): the rule '{lr['rule']}' matches "
+                        f"{lr['accuracy']:.0%} of {lr['n']} verdicts, guessing the majority {lr['majority']:.0%}")
+    rr = s["refusal_rule"]
+    if rr and rr["warning"]:
+        warnings.append(f"empty/refusal predicts the verdict ({label}): the rule '{rr['rule']}' matches "
+                        f"{rr['accuracy']:.0%} of {rr['n']} verdicts ({rr['n_flagged']} empty or refusals), "
+                        f"guessing the majority {rr['majority']:.0%}")
+    for key, what in (("truncated", "hit max_new_tokens (a cut answer fails most checks)"),
+                      ("empty", "are empty (each scores as a fail)")):
+        if s[f"{key}_rate"] is not None and s[f"{key}_rate"] > ARTIFACT_RATE:
+            warnings.append(f"{key} ({label}): {s[f'n_{key}']} of {s['n']} responses {what}; "
+                            f"{s[f'{key}_rate']:.0%} > {ARTIFACT_RATE:.0%}")
+    return warnings
+
+
+def comparison_warnings(label: str, c: dict[str, Any]) -> list[str]:
+    """A comparison decided by cut responses: most discordant items' failing side truncated or empty."""
+    n_disc = len(c["discordant"])
+    if n_disc and c["discordant_truncated_or_empty"] * 2 > n_disc:
+        return [f"truncation-driven ({label}): in {c['discordant_truncated_or_empty']} "
+                f"of {n_disc} discordant items the failing response was truncated or empty"]
+    return []
+
+
+def sentence(what: str, b: str, diff: float, lo: float, hi: float, p_holm: float) -> str:
     """What one comparison means, in one sentence."""
-    what = (f"{b[1]} ({b[0]}) vs {a[1]} ({a[0]})" if a[0] != b[0] else f"{b[1]} vs {a[1]} ({a[0]})")
     if lo > 0 and p_holm < 0.05:
-        verdict = f"{b[1]} is better"
+        verdict = f"{b} is better"
     elif hi < 0 and p_holm < 0.05:
-        verdict = f"{b[1]} is worse"
+        verdict = f"{b} is worse"
     else:
         verdict = "no difference is established"
-    question = " — did training beat prompting?" if a[0] == "fewshot_baseline" else ""
-    return (f"{what}{question} {verdict}: {diff:+.3f} (95% cluster CI [{lo:+.3f}, {hi:+.3f}], "
+    return (f"{what} {verdict}: {diff:+.3f} (95% cluster CI [{lo:+.3f}, {hi:+.3f}], "
             f"Holm-adjusted McNemar p = {p_holm:.3g}).")
 
 
-def _compare(cfg: RunConfig, by_id: dict, per_item: dict, a: tuple[str, str], b: tuple[str, str]) -> dict[str, Any]:
-    from cai.pipeline.stats import mcnemar_exact, paired_bootstrap_ci
+def _scored_verdicts(by_id: dict, rows: list[dict]) -> dict[tuple, dict]:
+    """One (suite, model)'s eval records scored by the canonical scorer, as verdicts."""
+    from cai.pipeline.evaluate import score
 
-    ia_all, ib_all = per_item[a], per_item[b]
-    keys = sorted(set(ia_all) & set(ib_all))
-    xa = [int(ia_all[k]["prompt_level_strict"]) for k in keys]
-    xb = [int(ib_all[k]["prompt_level_strict"]) for k in keys]
-    clusters = [cluster_of(by_id[k]) for k in keys]
-    diff, lo, hi = paired_bootstrap_ci(xb, xa, n_resamples=cfg.eval.bootstrap_resamples, seed=cfg.seed,
-                                       clusters=clusters)
-    b01, b10, p = mcnemar_exact(xa, xb)
-    discordant = []
-    for k, va, vb in zip(keys, xa, xb):
-        if va != vb:
-            ia, ib = ia_all[k], ib_all[k]
-            deciding = [iid for iid, sa, sb in zip(ia["instruction_id_list"], ia["follow_instruction_list_strict"],
-                                                   ib["follow_instruction_list_strict"]) if sa != sb]
-            loser = ia if vb else ib
-            discordant.append({"eval_set": k[0], "key": by_id[k]["key"], "instruction": by_id[k]["instruction"], "deciding_checks": deciding,
-                               f"{a[1]}_pass": bool(va), f"{b[1]}_pass": bool(vb),
-                               f"{a[1]}_response": ia["response"], f"{b[1]}_response": ib["response"],
-                               "loser_truncated_or_empty": loser["artifact"]})
-    return {"suite": a[0] if a[0] == b[0] else f"{a[0]}→{b[0]}", "a_suite": a[0], "b_suite": b[0],
-            "a": a[1], "b": b[1], "kind": "prompting" if a[0] != b[0] else "training",
-            "n": len(keys), "n_clusters": len(set(clusters)), "metric": "prompt_level_strict",
-            "diff_b_minus_a": diff, "ci95": [lo, hi], "mcnemar_p": p,
-            "a_only_pass": b10, "b_only_pass": b01,
-            "discordant_truncated_or_empty": sum(d["loser_truncated_or_empty"] for d in discordant),
-            "discordant": discordant}
+    # The scorer joins by key: it is given "set:key" (what its messages name), mapped back below.
+    ids = [item_id(r) for r in rows]
+    label = {f"{u[0]}:{u[1]}": (u, r) for u, r in zip(ids, rows)}
+    report = score([{**by_id[u], "key": f"{u[0]}:{u[1]}"} for u in ids],
+                   [{"key": f"{u[0]}:{u[1]}", "response": r["response"]} for u, r in zip(ids, rows)])
+    out = {}
+    for it in report.items:
+        u, row = label[it["key"]]
+        item = by_id[u]
+        out[u] = {**it, "passed": it["prompt_level_strict"], "cluster": cluster_of(item), "eval_set": u[0],
+                  "key": item["key"], "instruction": item["instruction"], "response": row["response"],
+                  "stop_reason": row["stop_reason"]}
+    return out
 
 
 def summarize(cfg: RunConfig, items: list[dict], responses: list[dict]) -> dict[str, Any]:
     """Canonical scores per (suite, model) with cluster-bootstrap CIs, paired comparisons
     (within each suite, and trained models against the few-shot base: training vs
     prompting) with Holm-adjusted McNemar p-values over all of them, and the diagnostics
-    that make scoring artifacts visible: discordant items, length confound, ceiling,
-    truncated and empty responses."""
+    that make scoring artifacts visible: discordant items, length confound, length and
+    empty/refusal rules, ceiling, truncated and empty responses."""
     from cai.pipeline.stats import holm
 
+    boot = {"n_resamples": cfg.eval.bootstrap_resamples, "seed": cfg.seed}
     by_id = {item_id(it): it for it in items}
     grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in responses:
@@ -317,15 +427,24 @@ def summarize(cfg: RunConfig, items: list[dict], responses: list[dict]) -> dict[
     scores: dict[str, dict[str, Any]] = defaultdict(dict)
     per_item: dict[tuple[str, str], dict[Any, dict]] = {}
     for (suite, model), rows in sorted(grouped.items()):
-        scores[suite][model], per_item[(suite, model)] = _model_scores(cfg, by_id, rows)
+        per_item[(suite, model)] = _scored_verdicts(by_id, rows)
+        scores[suite][model] = verdict_scores(list(per_item[(suite, model)].values()), **boot)
 
-    specs = [((suite, a), (suite, b)) for suite in scores for a, b in PAIRS]
-    comparisons = [_compare(cfg, by_id, per_item, a, b) for a, b in specs + list(PROMPTING_PAIRS)
-                   if a in per_item and b in per_item]
+    specs = [((suite, a), (suite, b)) for suite in scores for a, b in PAIRS] + list(PROMPTING_PAIRS)
+    comparisons = []
+    for a, b in specs:
+        if a in per_item and b in per_item:
+            c = paired_comparison(per_item[a], per_item[b], (a[1], b[1]), **boot)
+            comparisons.append({"suite": a[0] if a[0] == b[0] else f"{a[0]}→{b[0]}", "a_suite": a[0], "b_suite": b[0],
+                                "a": a[1], "b": b[1], "kind": "prompting" if a[0] != b[0] else "training",
+                                "metric": "prompt_level_strict", **c})
     for c, p_holm in zip(comparisons, holm([c["mcnemar_p"] for c in comparisons])):
         c["mcnemar_p_holm"] = p_holm
-        c["sentence"] = _sentence((c["a_suite"], c["a"]), (c["b_suite"], c["b"]), c["diff_b_minus_a"],
-                                  *c["ci95"], p_holm)
+        if c["kind"] == "prompting":
+            what = f"{c['b']} ({c['b_suite']}) vs {c['a']} ({c['a_suite']}) — did training beat prompting?"
+        else:
+            what = f"{c['b']} vs {c['a']} ({c['a_suite']})"
+        c["sentence"] = sentence(what, c["b"], c["diff_b_minus_a"], *c["ci95"], p_holm)
     return {"metric": "prompt_level_strict (IFEval checkers, lm-eval)", "scores": scores,
             "comparisons": comparisons, "warnings": _warnings(scores, comparisons), "n_items": len(items),
             "clustering": {"by": CLUSTERING, "n_clusters": len({cluster_of(it) for it in items})},
@@ -341,23 +460,9 @@ def _warnings(scores: dict[str, dict[str, Any]], comparisons: list[dict]) -> lis
                             "training has little room to show an effect")
     for suite, models in scores.items():
         for model, s in models.items():
-            if s["length_confound"]["warning"]:
-                warnings.append(f"length confound ({suite}/{model}): pass/fail correlates with response length "
-                                f"(r = {s['length_confound']['corr']}) on items with no length constraint")
-            lr = s["length_rule"]
-            if lr["warning"]:
-                warnings.append(f"length predicts the verdict ({suite}/{model}): the rule '{lr['rule']}' matches "
-                                f"{lr['accuracy']:.0%} of {lr['n']} verdicts, guessing the majority {lr['majority']:.0%}")
-            for key, what in (("truncated", "hit max_new_tokens (a cut answer fails most checks)"),
-                              ("empty", "are empty (each scores as a fail)")):
-                if s[f"{key}_rate"] > ARTIFACT_RATE:
-                    warnings.append(f"{key} ({suite}/{model}): {s[f'n_{key}']} of {s['n']} responses {what}; "
-                                    f"{s[f'{key}_rate']:.0%} > {ARTIFACT_RATE:.0%}")
+            warnings += model_warnings(f"{suite}/{model}", s)
     for c in comparisons:
-        n_disc = len(c["discordant"])
-        if n_disc and c["discordant_truncated_or_empty"] * 2 > n_disc:
-            warnings.append(f"truncation-driven ({c['suite']} {c['a']} vs {c['b']}): in {c['discordant_truncated_or_empty']} "
-                            f"of {n_disc} discordant items the failing response was truncated or empty")
+        warnings += comparison_warnings(f"{c['suite']} {c['a']} vs {c['b']}", c)
         if c["kind"] == "prompting" and c["diff_b_minus_a"] < 0:
             warnings.append(f"prompting beats training: few-shot base ({c['a_suite']}) scores {-c['diff_b_minus_a']:.3f} "
                             f"above {c['b']} ({c['b_suite']}) on the same {c['n']} items")
