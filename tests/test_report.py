@@ -211,6 +211,8 @@ def test_report_leads_with_verdict_and_results_then_invariants(run_dir, items, c
                                     "## Warnings", "## Invariants", "## Provenance")}
     assert pos["## Results"] < pos["## Warnings"] < pos["## Invariants"] < pos["## Provenance"]
     assert "**Few-shot base beats sft and dpo**" in md
+    # per-type rows carry N and their cluster count; a one-cluster type is marked as item-resampled
+    assert "| instruction | N | clusters | base | dpo | sft |" in md and "| punctuation:no_comma | 10 | 1 † | " in md
     # the training warning recorded in the dpo manifest reaches the Warnings section
     warnings = md[pos["## Warnings"]:md.index("\n## ", pos["## Warnings"] + 1)]
     assert "training_truncation" in warnings and "prompting beats training" in warnings
