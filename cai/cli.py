@@ -26,6 +26,7 @@ from cai.errors import CaiError, describe_os_error, os_error_in
 # subcommand -> module that implements `cli_main(args) -> int`
 HANDLERS = {
     "run": "cai.pipeline.runner",
+    "train": "cai.pipeline.train_cli",
     "preflight": "cai.audit.preflight",
     "audit": "cai.audit.cli",
     "check": "cai.invariants.check",
@@ -66,6 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--shard", help="I/N: run shard I of N of the data stages")
+
+    p = sub.add_parser("train", help="SFT then DPO of a run's certified data (also under accelerate launch)")
+    importlib.import_module("cai.pipeline.train_cli").add_arguments(p)
 
     p = sub.add_parser("preflight", help="rehearse every stage on a small sample; project cost")
     p.add_argument("config")

@@ -335,21 +335,32 @@ def stage_pairs(run: Run, slot, gen) -> None:
     run.finish("pairs", writer, results, model=slot.provenance, extra={"pairs": stats})
 
 
-def stage_sft(run: Run, slot) -> None:
+def training_stage(cfg: RunConfig, out: Path, stage: str, slot, *, resume: bool, run: Run | None) -> dict:
+    """One training stage ("sft" or "dpo") in this process: the one training path of `cai run`
+    (one process) and `cai train` (every process of a launch, each with its own slot). Every
+    process reads the run's certified inputs and trains; the main process, the one holding
+    `run`, opens the stage's artifact before training and seals it after. SFT trains on the
+    `responses` records, DPO on the `pairs` records from the SFT adapter."""
+    from cai.pipeline.dpo import train_dpo
     from cai.pipeline.sft import train_sft
 
-    writer = run.writer("sft")
-    result = train_sft(run.cfg, slot, records_of(run, "responses"), run.stage_dir("sft"), resume=run.resume)
-    _finish_training(run, "sft", writer, result, slot)
+    writer = run.writer(stage) if run is not None else None
+    if stage == "sft":
+        result = train_sft(cfg, slot, list(read_artifact(out / "responses").records()), out / "sft", resume=resume)
+    else:
+        result = train_dpo(cfg, slot, list(read_artifact(out / "pairs").records()), out / "sft" / "adapter",
+                           out / "dpo", resume=resume)
+    if run is not None:
+        _finish_training(run, stage, writer, result, slot)
+    return result
+
+
+def stage_sft(run: Run, slot) -> None:
+    training_stage(run.cfg, run.out, "sft", slot, resume=run.resume, run=run)
 
 
 def stage_dpo(run: Run, slot) -> None:
-    from cai.pipeline.dpo import train_dpo
-
-    writer = run.writer("dpo")
-    result = train_dpo(run.cfg, slot, records_of(run, "pairs"), run.stage_dir("sft") / "adapter",
-                       run.stage_dir("dpo"), resume=run.resume)
-    _finish_training(run, "dpo", writer, result, slot)
+    training_stage(run.cfg, run.out, "dpo", slot, resume=run.resume, run=run)
 
 
 def _finish_training(run: Run, stage: str, writer: ArtifactWriter, result: dict, slot) -> None:

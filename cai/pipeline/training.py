@@ -7,12 +7,18 @@ sft.py and dpo.py only build their dataset and their TRL trainer; everything els
 so the two trainers cannot drift apart (the audit found several near-duplicate trainers
 whose LoRA rank and quantization differed without reason).
 
+The same code runs in one process (`cai run`) and in every process of an `accelerate launch`
+(`cai train`): each rank trains on its shard of every batch, checks its own first batch
+inside the training loop, and the verdict is shared, so one bad rank stops all of them;
+outputs are written once, by the main process.
+
 Layout of a training output directory:
 
     out_dir/
       adapter/            the trained LoRA adapter (adapter_config.json, adapter_model.safetensors)
       merged/             base + adapter merged (only with `merge: true`; not for quantized bases)
-      checkpoints/        trainer checkpoints every `save_steps` (resume points)
+      checkpoints/        trainer checkpoints every `save_steps` (resume points); each carries
+                          cai_gate.json, the pre-step-1 gate results a resumed run reports
       loss_curve.json     per-step loss (and DPO rewards) from the trainer's log history
       loss_curve.png
       training.json       the summary `train_sft` / `train_dpo` return (manifest fields)
@@ -30,7 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from cai.config import RunConfig, TrainConfig
 from cai.errors import ArtifactError, BadInputError
-from cai.invariants.base import Result, raise_on_failures
+from cai.invariants.base import Result, Status, raise_on_failures
 from cai.invariants.memory import memory_snapshot
 from cai.invariants.training import Example, FirstBatch, TokenLengths, TrainingTruncation
 from cai.pipeline.formats import COMPLETION_PREFIX, FormatError, get_format, render
@@ -43,6 +49,7 @@ CHECKPOINT_DIR = "checkpoints"
 LOSS_CURVE_JSON = "loss_curve.json"
 LOSS_CURVE_PNG = "loss_curve.png"
 SUMMARY_JSON = "training.json"
+GATE_JSON = "cai_gate.json"
 # Trades ~20% compute for activation memory; needed for 32B on one GPU, harmless on the CPU.
 GRADIENT_CHECKPOINTING = True
 SAVE_TOTAL_LIMIT = 2
@@ -209,10 +216,79 @@ def _quantization_record(cfg: RunConfig) -> dict[str, Any] | None:
 
 def check_merge_allowed(cfg: RunConfig, section: TrainConfig) -> None:
     """Refuse before training, not after: merged weights need an unquantized base."""
+    if section.merge and sharded_engine():
+        raise BadInputError(f"merge: true under {sharded_engine()}: every rank holds a shard of the base, so "
+                            "merged weights are not written; keep the adapter and merge after, in one process")
     if section.merge and cfg.model.quantization != "none":
         raise BadInputError(
             f"merge: true with a {cfg.model.quantization} base: adapter deltas cannot be merged into quantized "
             "weights; keep the adapter (the pipeline attaches it to the base) or merge later on an unquantized load")
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def process_state(model_cfg):
+    """accelerate's view of this process, made before any weights are read. Under a launch
+    it initialises torch.distributed (gloo for a CPU model: accelerate joins CPU processes
+    only when told `cpu=True`), so that transformers sees the launch when it loads weights;
+    a plain process is rank 0 of 1 with nothing initialised."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=model_cfg.device == "cpu")
+
+
+def sharded_engine() -> str | None:
+    """"fsdp" or "deepspeed" when the launch shards parameters (accelerate's own flags), else None."""
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    return None
+
+
+def rank_model_config(model_cfg, state):
+    """Where this rank's base model is loaded. One process: as configured. DDP: the rank's
+    own device (`cuda:LOCAL_RANK`; a full copy per rank, which is what DDP is). FSDP /
+    DeepSpeed: the CPU, since the trainer shards and places it in `train()` (with
+    `fsdp_cpu_ram_efficient_loading` transformers reads real weights on local rank 0 only)."""
+    if state.num_processes == 1:
+        return model_cfg
+    device = "cpu" if sharded_engine() else str(state.device)
+    return model_cfg.model_copy(update={"device": device})
+
+
+def all_ranks(accelerator, value):
+    """`value` from every rank, in rank order, on every rank (one all-gather; [value] alone)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+def agree(accelerator, local: Sequence[Result]) -> list[Result]:
+    """Every rank's results, known to every rank, as one result per check: it passes only if
+    it passed on every rank, its evidence names each rank. All ranks reach the same verdict,
+    so a failure on any rank stops every rank at the same point (no rank waits forever in a
+    collective the others left)."""
+    per_rank = all_ranks(accelerator, [r.to_json() for r in local])
+    if len(per_rank) == 1:
+        return list(local)
+    combined = []
+    for i, first in enumerate(per_rank[0]):
+        own = [Result.from_json(results[i]) for results in per_rank]
+        failed = [(rank, r) for rank, r in enumerate(own) if r.status != Status.PASS]
+        status = next((r.status for _, r in failed if r.status == Status.FAIL), failed[0][1].status if failed else Status.PASS)
+        shown = failed or list(enumerate(own))
+        evidence = "; ".join(f"rank {rank}: {r.evidence}" for rank, r in shown)
+        combined.append(Result(first["name"], status, own[0].severity,
+                               (f"failed on rank(s) {', '.join(str(k) for k, _ in failed)} of {len(own)}: " if failed
+                                else f"all {len(own)} ranks: ") + evidence,
+                               details={"ranks": [r.to_json() for r in own]}))
+    return combined
 
 
 # --------------------------------------------------------------------------- the base model
@@ -345,32 +421,72 @@ def first_batch_subject(kind: str, batch: dict[str, Any], examples: Sequence[Exa
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest `checkpoint-N` directory under `directory` (by step), or None."""
+    """The newest complete `checkpoint-N` directory under `directory` (by step), or None.
+    Complete: the trainer wrote its state and cai its gate record (a rank killed between the
+    two leaves a checkpoint that is not resumed from)."""
     if not directory.is_dir():
         return None
     found = []
     for p in directory.iterdir():
         if p.is_dir() and p.name.startswith("checkpoint-") and p.name.split("-", 1)[1].isdigit():
-            if (p / "trainer_state.json").is_file():
+            if (p / "trainer_state.json").is_file() and (p / GATE_JSON).is_file():
                 found.append((int(p.name.split("-", 1)[1]), p))
     return max(found)[1] if found else None
 
 
+def pre_step_gate(trainer, checks: Callable[[Any, dict[str, Any]], list[Result]], *, resumed_from: Path | None,
+                  results: Iterable[Result] = ()):
+    """TrainerCallback: the pre-step-1 gate inside the training loop, on every rank.
+
+    At `on_train_begin` the model is prepared (DDP-wrapped, FSDP-sharded) and the dataloader
+    is the rank's own shard; its first batch is the one step 1 trains on (accelerate's
+    seedable sampler reseeds per epoch, so peeking does not change the order). `checks` run on
+    it, the ranks agree (`agree`), and any error-severity failure raises InvariantError on
+    every rank before a single forward pass of training, let alone an optimizer update.
+    Resumed from a checkpoint, the policy is no longer the step-0 one: the gate results
+    recorded in that checkpoint (by the launch that took step 1) are carried instead."""
+    from transformers import TrainerCallback
+
+    carried = list(results)
+
+    class PreStepGate(TrainerCallback):
+        def __init__(self):
+            self.results: list[Result] = []
+
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+            if resumed_from is None:
+                batch = next(iter(train_dataloader))
+                local = list(checks(trainer, batch))
+                del batch
+            else:
+                local = [Result.from_json(r) for r in json.loads((resumed_from / GATE_JSON).read_text())]
+            self.results = carried + (agree(trainer.accelerator, local) if resumed_from is None else local)
+            raise_on_failures(self.results)
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:  # after the trainer wrote the checkpoint
+                gate = [r.to_json() for r in self.results if r not in carried]
+                write_json_atomic(Path(args.output_dir) / f"checkpoint-{state.global_step}" / GATE_JSON, gate)
+
+    gate = PreStepGate()
+    trainer.add_callback(gate)
+    return gate
+
+
 def run_trainer(trainer, *, stage: str, out_dir: Path, resume: bool,
                 checks: Callable[[Any, dict[str, Any]], list[Result]], results: Iterable[Result] = ()) -> dict[str, Any]:
-    """Gate, then train. The checks run on the first batch before step 1; any error-severity
-    failure raises InvariantError and no optimizer step is taken. With `resume`, training
-    continues from the newest checkpoint in out_dir/checkpoints (the step count, optimizer,
-    scheduler and RNG state come back with it)."""
+    """Train behind the pre-step-1 gate (`pre_step_gate`: `checks` on every rank's first
+    batch, any failure stops every rank before step 1). With `resume`, training continues
+    from the newest checkpoint in out_dir/checkpoints (TRL's `checkpoint-N` directories,
+    written every `save_steps`: adapter, optimizer, scheduler, RNG states, trainer state).
+    Returns the summary fields on every rank; only the main process writes files."""
+    accelerator = trainer.accelerator
     ckpt_dir = out_dir / CHECKPOINT_DIR
     checkpoint = latest_checkpoint(ckpt_dir)
     if checkpoint is not None and not resume:
         raise ArtifactError(f"{ckpt_dir}: checkpoints of an earlier run exist ({checkpoint.name}); "
                             "resume it (--resume) or train into a new directory")
-    batch = first_batch(trainer)
-    results = list(results) + list(checks(trainer, batch))
-    raise_on_failures(results)  # before step 1
-    del batch
+    gate = pre_step_gate(trainer, checks, resumed_from=checkpoint, results=results)
 
     start_step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] if checkpoint else 0
     started = time.perf_counter()
@@ -378,16 +494,19 @@ def run_trainer(trainer, *, stage: str, out_dir: Path, resume: bool,
     train_seconds = time.perf_counter() - started
     steps = trainer.state.global_step
     ran = steps - start_step
-    memory = memory_snapshot()  # this stage's peaks, measured by the open slot
-    curve = write_loss_curve(trainer.state.log_history, out_dir, stage)
+    memory = memory_snapshot()  # this rank's peaks, measured by its open slot
+    per_rank = all_ranks(accelerator, {"rank": accelerator.process_index, **memory})
+    curve = write_loss_curve(trainer.state.log_history, out_dir, stage) if accelerator.is_main_process else {}
     return {
         "steps": steps,
         "steps_this_run": ran,
         "resumed_from": str(checkpoint) if checkpoint else None,
+        "world_size": accelerator.num_processes,
         "timings": {"train_seconds": round(train_seconds, 3),
                     "seconds_per_step": round(train_seconds / ran, 4) if ran else None},
         "memory": memory,
-        "invariants": [r.to_json() for r in results],
+        "memory_per_rank": per_rank,
+        "invariants": [r.to_json() for r in gate.results],
         "loss_curve": curve,
         "loss_curve_points": curve_points(trainer.state.log_history),
         "metrics": {k: v for k, v in output.metrics.items() if isinstance(v, (int, float))},
@@ -459,7 +578,8 @@ def loss_curve_callback(out_dir: Path, stage: str):
 
     class LossCurveCallback(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            write_loss_curve(state.log_history, out_dir, stage, png=False)
+            if state.is_world_process_zero:
+                write_loss_curve(state.log_history, out_dir, stage, png=False)
 
     return LossCurveCallback()
 
@@ -467,10 +587,15 @@ def loss_curve_callback(out_dir: Path, stage: str):
 # --------------------------------------------------------------------------- outputs
 
 
-def save_adapter(peft_model, out_dir: Path, adapter: str = "default") -> Path:
-    """Write only the trained adapter (DPO's frozen "ref" copy stays out)."""
+def save_adapter(trainer, out_dir: Path, adapter: str = "default") -> Path:
+    """Write only the trained adapter (DPO's frozen "ref" copy stays out), once. The state
+    dict comes through accelerate, which gathers FSDP / ZeRO-3 shards: every rank takes
+    part in that, the main process writes."""
     path = out_dir / ADAPTER_DIR
-    peft_model.save_pretrained(str(path), selected_adapters=[adapter])
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.accelerator.is_main_process:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(str(path), state_dict=state_dict, selected_adapters=[adapter])
     return path
 
 
@@ -498,10 +623,13 @@ def write_merged(peft_model, tokenizer, out_dir: Path, adapter: str = "default")
 def finish(*, stage: str, cfg: RunConfig, section: TrainConfig, trainer, run: dict[str, Any], out_dir: Path,
            started: float, n_records: int, adapter: str = "default", **trainer_extra) -> dict[str, Any]:
     """Save the adapter (and merged weights), assemble the manifest fields, write
-    training.json. Returns the dict the lead puts in the stage manifest."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    adapter_dir = save_adapter(model, out_dir, adapter)
-    merged_dir = write_merged(model, trainer.processing_class, out_dir, adapter) if section.merge else None
+    training.json: on the main process, the others waiting until it is on disk. Returns
+    the dict the lead puts in the stage manifest (on every rank)."""
+    accelerator = trainer.accelerator
+    adapter_dir = save_adapter(trainer, out_dir, adapter)
+    merged_dir = None
+    if section.merge and accelerator.is_main_process:
+        merged_dir = write_merged(accelerator.unwrap_model(trainer.model), trainer.processing_class, out_dir, adapter)
     summary = {
         "stage": stage,
         "adapter_dir": str(adapter_dir),
@@ -513,5 +641,7 @@ def finish(*, stage: str, cfg: RunConfig, section: TrainConfig, trainer, run: di
         **run,
     }
     summary["timings"]["wall_seconds"] = round(time.perf_counter() - started, 3)
-    write_json_atomic(out_dir / SUMMARY_JSON, summary)
+    if accelerator.is_main_process:
+        write_json_atomic(out_dir / SUMMARY_JSON, summary)
+    accelerator.wait_for_everyone()
     return summary
