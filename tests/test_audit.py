@@ -35,13 +35,17 @@ CATEGORY_DIRS = {
     "unused-implementation": "unused_implementation",
     "remote-code": "remote_code",
     "config-drift": "config_drift",
+    "scoring": "scoring",
+    "data-overlap": "data_overlap",
+    "orchestration": "orchestration",
+    "reproducibility": "reproducibility",
 }
 MARK = re.compile(r"#\s*expect:\s*([a-z0-9\-, ]+)")
 
 
 def expected(root: Path) -> set[tuple[str, str, int]]:
     out = set()
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".sh")):
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             m = MARK.search(line)
             if m:
@@ -101,6 +105,10 @@ def test_severities():
         "special-tokens": {"warning"},
         "config-drift": {"warning"},
         "unused-implementation": {"warning"},
+        "scoring": {"warning", "error"},  # an error only when the verdicts feed a test or a gate
+        "data-overlap": {"error"},
+        "orchestration": {"error", "warning"},  # a missing script fails; a duplicate may be deliberate
+        "reproducibility": {"warning"},
         "audit": {"warning"},
     }
     assert set(by_category) == set(CATEGORIES)

@@ -40,6 +40,10 @@ CATEGORIES = (
     "unused-implementation",
     "remote-code",
     "config-drift",
+    "scoring",
+    "data-overlap",
+    "orchestration",
+    "reproducibility",
     "audit",
 )
 
@@ -157,6 +161,59 @@ RULES: dict[str, Rule] = {
             "warning",
             "DPO beta chosen differently across scripts",
             "Choose DPO beta once (run config or a shared constants module) and read it everywhere.",
+        ),
+        Rule(
+            "heuristic-scoring",
+            "scoring",
+            "warning",
+            "Scorer decides success from length, refusal keywords or non-emptiness",
+            "Score with a verifier of what the instruction asked (IFEval-style checkers, `cai score`): one "
+            "canonical scorer shared by every evaluation.",
+        ),
+        Rule(
+            "heuristic-scoring-decides",
+            "scoring",
+            "error",
+            "Heuristic scorer whose verdicts feed a significance test or a gate",
+            "Replace the heuristic with a verifier of the instruction's constraint before testing or gating on "
+            "its verdicts; a length cut-off tested with McNemar ships as a significant 'improvement'.",
+        ),
+        Rule(
+            "incomparable-scorers",
+            "scoring",
+            "warning",
+            "Evaluation entry points score the same data with different scorers",
+            "Make one canonical scorer (a shared module or `cai score`) and call it from every evaluation.",
+        ),
+        Rule(
+            "eval-on-training-data",
+            "data-overlap",
+            "error",
+            "Evaluation reads a data file that training also reads",
+            "Evaluate on a held-out file that no training or pair-building script reads.",
+        ),
+        Rule(
+            "dangling-reference",
+            "orchestration",
+            "error",
+            "Orchestrator runs or imports a script/module that does not exist",
+            "Point the orchestrator at the current script (or restore it) and delete copies no longer run.",
+        ),
+        Rule(
+            "duplicate-entry-points",
+            "orchestration",
+            "warning",
+            "Near-duplicate training or evaluation scripts with no status",
+            "Keep one script configured per variant, or mark the others deprecated (module docstring) or move "
+            "them to archive/.",
+        ),
+        Rule(
+            "unseeded-sampling",
+            "reproducibility",
+            "warning",
+            "Sampled evaluation (do_sample=True / temperature > 0) with no seed set",
+            "Call transformers.set_seed(seed) (vLLM: SamplingParams(seed=...)) and record the seed, or evaluate "
+            "greedily.",
         ),
         Rule(
             "parse-error",

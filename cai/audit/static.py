@@ -55,9 +55,11 @@ from urllib.parse import quote
 
 from cai.audit.codebase import Codebase
 from cai.audit.findings import CATEGORIES, RULES, Finding
+from cai.audit.evaluation import evaluation_rules
 from cai.audit.flow import FlowAnalyzer
 from cai.audit.parity import ParityAnalyzer
 from cai.audit.rules import config_drift, remote_code, unused_modules
+from cai.audit.scripts import dangling_references, duplicate_entry_points
 from cai.errors import BadInputError
 
 SARIF_SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
@@ -198,8 +200,14 @@ def _analyse(cb: Codebase) -> list[Finding]:
     findings += remote_code(cb)
     findings += config_drift(cb)
     findings += unused_modules(cb)
+    findings += evaluation_rules(cb)
+    findings += dangling_references(cb)
+    findings += duplicate_entry_points(cb)
     unique = {(f.rule, f.path, f.line, f.column): f for f in findings}
     lines = {sf.rel: sf.lines for sf in cb.files}
+    for rel, path in cb.text_files:  # findings in shell scripts, Makefiles, YAML
+        if any(f.path == rel for f in unique.values()):
+            lines[rel] = path.read_text(encoding="utf-8", errors="replace").splitlines()
     out = []
     for f in sorted(unique.values(), key=lambda f: f.sort_key):
         src = lines.get(f.path, [])
