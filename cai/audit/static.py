@@ -1,4 +1,4 @@
-"""`cai audit PATH... [--format text|json|sarif]`: static audit of a training / evaluation
+"""`cai audit PATH... [--format text|json|sarif] [flags]`: static audit of a training / evaluation
 codebase built on transformers, peft and TRL.
 
 Only the standard library's `ast` is used: audited code is never imported or executed. The
@@ -17,11 +17,19 @@ rules (catalogue and severity rationale in `cai.audit.findings`):
     config-drift           quantization-drift            warning
                            lora-rank-drift               warning
                            dpo-beta-drift                warning
+    scoring                heuristic-scoring             warning
+                           heuristic-scoring-decides     error
+                           incomparable-scorers          warning
+    data-overlap           eval-on-training-data         error
+    orchestration          dangling-reference            error
+                           duplicate-entry-points        warning
+    reproducibility        unseeded-sampling             warning
     audit                  parse-error                   warning (file reported and skipped)
 
 How each analysis works and what it deliberately does not report: `cai.audit.flow`
 (chat-template, special-tokens, memory-sequencing), `cai.audit.parity` (format-parity),
-`cai.audit.rules` (the rest). Test modules are exempt from the methodology rules (they build
+`cai.audit.evaluation` (scoring, data-overlap, reproducibility), `cai.audit.scripts`
+(orchestration), `cai.audit.rules` (the rest). Flags and output formats: docs/audit.md. Test modules are exempt from the methodology rules (they build
 raw tokenizers and extra tiny models on purpose, as negative controls) but not from remote-code.
 
 All PATHs are audited together as one codebase (calls and imports resolve across them); paths in
