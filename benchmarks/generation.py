@@ -1,12 +1,22 @@
-"""Batched generation engine vs a one-prompt-at-a-time loop.
+"""Generation throughput against this machine's compute limit, and against a one-prompt loop.
 
-Same 16 prompts (training format, seed instructions), the embedded model, greedy, 48 new
-tokens (rows may end earlier at EOS, as in real use). Both sides run through
-`HFGenerator.generate` (batch_size 16 vs 1), after one warm-up call. Reports tokens/s for
-both (fastest of the interleaved repeats), the speedup (target >= 5x), whether the outputs
-are identical, and the same ratio in process CPU time (robust to other load on the machine).
+The limit: this machine's fp32 matmul rate (best of repeated 2048^3 products) divided by the
+model's FLOPs per generated token, read off its config (2 x the parameters of every matmul,
+the LM head included, plus the attention over the mean context). Decoding cannot run faster
+than that on this CPU; the fraction of it reached is what the engine still leaves.
 
-    python -m benchmarks.generation [--repeats 2]
+Workload: the shipped Stage-1 eval prompts in the training format, greedy, the format's stop
+strings, MAX_NEW_TOKENS new tokens (what the eval stage does). Each engine's tokens/s is the
+fastest of `--repeats` runs after a warm-up:
+
+* `HFGenerator.generate` at batch 1 (the loop), 16, 64, and cai's default (the stage batch
+  size with the padded-token budget, `DEFAULT_MAX_BATCH_TOKENS`);
+* transformers' `model.generate` at cai's default batch, the engine before rows left the
+  batch when they end.
+
+Greedy outputs of every batched run must equal the loop's on the prompts the loop ran.
+
+    python -m benchmarks.generation [--repeats 2] [--prompts 64]
 """
 
 from __future__ import annotations
@@ -15,62 +25,134 @@ import argparse
 
 from benchmarks.common import offline, stopwatch, write_result
 
-N_PROMPTS = 16
-MAX_NEW_TOKENS = 48
-TARGET_SPEEDUP = 5.0
+MAX_NEW_TOKENS = 96
+LOOP_PROMPTS = 12  # the one-prompt loop is slow: it runs on a spread of 12 prompts only
+TARGET_FRACTION = 0.5
+BAR_FRACTION = 0.25
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 8) -> float:
+    """Best fp32 GFLOP/s of `repeats` size^3 matrix products (after two warm-ups)."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e9
+
+
+def flops_per_token(model, mean_context: float) -> float:
+    """2 FLOPs per weight of every matmul a token passes through (embedding lookups are not
+    matmuls; a tied LM head is), plus QK^T and AV over the context (4 x layers x context x
+    the attention width)."""
+    import torch
+
+    cfg = model.config
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attention = 4 * cfg.num_hidden_layers * mean_context * cfg.num_attention_heads * head_dim
+    return 2 * matmul_params + attention
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per side; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per engine; the fastest counts")
+    parser.add_argument("--prompts", type=int, default=64, help="eval prompts in the workload")
     args = parser.parse_args(argv)
     offline()
     import torch
+    from transformers import GenerationConfig
 
-    from cai.config import ModelConfig
+    from cai.config import EvalConfig, ModelConfig
     from cai.pipeline import formats
-    from cai.pipeline.generation import HFGenerator
-    from cai.pipeline.instructions import load_seeds
-    from cai.pipeline.models import ModelSlot
+    from cai.pipeline.compare import load_eval_set
+    from cai.pipeline.generation import DEFAULT_MAX_BATCH_TOKENS, HFGenerator
+    from cai.pipeline.models import ModelSlot, encode_batch
 
-    prompts = [formats.render("instruction_response", s["instruction"]) for s in load_seeds()[:N_PROMPTS]]
+    fmt = "instruction_response"
+    stop = list(formats.stop_sequences(fmt))
+    prompts = [formats.render(fmt, it["instruction"]) for it in load_eval_set("stage1")[:args.prompts]]
+    default_batch = EvalConfig().batch_size
+    stride = max(1, len(prompts) // LOOP_PROMPTS)
+    loop_index = list(range(0, len(prompts), stride))[:LOOP_PROMPTS]  # spread over the set's instruction types
+    loop_prompts = [prompts[i] for i in loop_index]
     with ModelSlot(ModelConfig(source="embedded")) as slot:
-        gen = HFGenerator(slot.model, slot.tokenizer, batch_size=N_PROMPTS)
+        gen = HFGenerator(slot.model, slot.tokenizer)
         gen.generate(prompts[:2], max_new_tokens=4)  # warm-up (first-call allocations), not timed
-        batched_runs, single_runs = [], []
-        batched = single = None
-        for _ in range(args.repeats):  # interleaved, so both sides see similar machine load
-            with stopwatch() as t:
-                batched = gen.generate(prompts, max_new_tokens=MAX_NEW_TOKENS)
-            batched_runs.append(t)
-            with stopwatch() as t:
-                single = [gen.generate([p], max_new_tokens=MAX_NEW_TOKENS, batch_size=1)[0] for p in prompts]
-            single_runs.append(t)
-    tokens_batched = sum(g.n_new_tokens for g in batched)
-    tokens_single = sum(g.n_new_tokens for g in single)
-    tps_batched = tokens_batched / min(t["seconds"] for t in batched_runs)
-    tps_single = tokens_single / min(t["seconds"] for t in single_runs)
-    cpu_speedup = (tokens_batched / min(t["cpu_seconds"] for t in batched_runs)) / (
-        tokens_single / min(t["cpu_seconds"] for t in single_runs))
-    per_repeat = [round(s["seconds"] / b["seconds"], 2) for b, s in zip(batched_runs, single_runs)]
-    identical = [a.text for a in batched] == [b.text for b in single]
-    speedup = round(tps_batched / tps_single, 2)
+
+        def timed(run):
+            best, out = None, None
+            for _ in range(args.repeats):
+                with stopwatch() as t:
+                    out = run()
+                best = t if best is None or t["seconds"] < best["seconds"] else best
+            return best, out
+
+        engines: dict[str, dict] = {}
+        outputs: dict[str, list[str]] = {}
+        loop_t, loop = timed(lambda: [gen.generate([p], max_new_tokens=MAX_NEW_TOKENS, stop=stop, batch_size=1)[0]
+                                      for p in loop_prompts])
+        engines["cai batch 1 (loop)"] = {"batch": 1, "prompts": len(loop_prompts), "seconds": loop_t["seconds"],
+                                         "tokens": sum(g.n_new_tokens for g in loop)}
+        outputs["cai batch 1 (loop)"] = [g.text for g in loop]
+        for name, rows in (("cai batch 16", 16), ("cai batch 64", 64), (f"cai default ({default_batch} rows, "
+                                                                       f"{DEFAULT_MAX_BATCH_TOKENS} tokens)", default_batch)):
+            t, out = timed(lambda: gen.generate(prompts, max_new_tokens=MAX_NEW_TOKENS, stop=stop, batch_size=rows))
+            engines[name] = {"batch": rows, "prompts": len(prompts), "seconds": t["seconds"],
+                             "tokens": sum(g.n_new_tokens for g in out)}
+            outputs[name] = [g.text for g in out]
+
+        config = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1,
+                                  eos_token_id=slot.tokenizer.eos_token_id, pad_token_id=slot.tokenizer.pad_token_id,
+                                  stop_strings=stop, repetition_penalty=1.0)
+
+        def hf_generate() -> list[int]:
+            tokens = 0
+            for start in range(0, len(prompts), default_batch):
+                enc = encode_batch(slot.tokenizer, prompts[start:start + default_batch], padding=True, return_tensors="pt")
+                with torch.inference_mode():
+                    out = slot.model.generate(**enc, generation_config=config, tokenizer=slot.tokenizer)
+                new = out[:, enc["input_ids"].shape[1]:]
+                tokens += int((new != slot.tokenizer.pad_token_id).sum())
+            return tokens
+
+        t, hf_tokens = timed(hf_generate)
+        engines[f"transformers generate ({default_batch} rows)"] = {"batch": default_batch, "prompts": len(prompts),
+                                                                    "seconds": t["seconds"], "tokens": hf_tokens}
+        mean_prompt = sum(len(ids) for ids in encode_batch(slot.tokenizer, prompts)["input_ids"]) / len(prompts)
+        mean_new = engines["cai batch 64"]["tokens"] / len(prompts)
+        per_token = flops_per_token(slot.model, mean_prompt + mean_new / 2)
+
+    gflops = matmul_gflops()
+    limit = gflops * 1e9 / per_token
+    loop_rate = engines["cai batch 1 (loop)"]["tokens"] / engines["cai batch 1 (loop)"]["seconds"]
+    rows = {}
+    for name, e in engines.items():
+        rate = e["tokens"] / e["seconds"]
+        rows[name] = {**e, "seconds": round(e["seconds"], 2), "tokens_per_s": round(rate, 1),
+                      "fraction_of_limit": round(rate / limit, 3), "x_loop": round(rate / loop_rate, 2)}
+    default_name = next(n for n in rows if n.startswith("cai default"))
+    identical = {name: [out[i] for i in loop_index] == outputs["cai batch 1 (loop)"] if len(out) == len(prompts)
+                 else out == outputs["cai batch 1 (loop)"] for name, out in outputs.items()}
+    fraction = rows[default_name]["fraction_of_limit"]
     return write_result(
-        "generation", value=speedup, unit="x tokens/s (batched / one at a time)", target=TARGET_SPEEDUP,
-        passed=speedup >= TARGET_SPEEDUP and identical,
+        "generation", value=fraction, unit="fraction of the compute limit (tokens/s at cai's default batch)",
+        target=TARGET_FRACTION, passed=fraction >= BAR_FRACTION and all(identical.values()),
         measurements={
-            "prompts": N_PROMPTS, "max_new_tokens": MAX_NEW_TOKENS, "greedy": True, "batch_size": N_PROMPTS,
-            "tokens_per_s_batched": round(tps_batched, 2), "tokens_per_s_single": round(tps_single, 2),
-            "seconds_batched": [round(t["seconds"], 3) for t in batched_runs],
-            "seconds_single": [round(t["seconds"], 3) for t in single_runs],
-            "cpu_seconds_batched": [round(t["cpu_seconds"], 3) for t in batched_runs],
-            "cpu_seconds_single": [round(t["cpu_seconds"], 3) for t in single_runs],
-            "speedup_per_repeat_wall": per_repeat, "speedup_cpu_time": round(cpu_speedup, 2),
-            "new_tokens_batched": tokens_batched, "new_tokens_single": tokens_single,
-            "stop_reasons": {r: sum(g.stop_reason == r for g in batched) for r in ("eos", "length", "stop")},
-            "identical_outputs": identical, "torch_threads": torch.get_num_threads(),
+            "engines": rows, "matmul_gflops_fp32": round(gflops, 1), "flops_per_token": round(per_token),
+            "compute_limit_tokens_per_s": round(limit, 1), "max_new_tokens": MAX_NEW_TOKENS, "greedy": True,
+            "mean_prompt_tokens": round(mean_prompt, 1), "mean_new_tokens": round(mean_new, 1),
+            "identical_to_loop": identical, "torch_threads": torch.get_num_threads(),
         },
-        notes="passed requires speedup >= target and identical batched/single outputs")
+        notes=f"target {TARGET_FRACTION} of the limit, bar {BAR_FRACTION}; passed requires the bar and greedy "
+              "outputs identical to the one-prompt loop")
 
 
 if __name__ == "__main__":

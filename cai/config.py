@@ -33,6 +33,8 @@ class ModelConfig(_Section):
 class GenerationConfig(_Section):
     backend: Literal["hf", "vllm"] = Field("hf", description="'hf' is what `cai run` drives; 'vllm' (VLLMGenerator, "
                                            "optional extra, CUDA, never run on cai's machines) is refused with exit 2")
+    max_batch_tokens: int = Field(16384, gt=0, description="padded tokens per generation/scoring batch (rows x (prompt "
+                                  "+ new tokens)); each stage's batch_size caps the rows")
 
 
 class InstructionsConfig(_Section):
@@ -42,7 +44,7 @@ class InstructionsConfig(_Section):
     overgenerate: float = Field(2.0, ge=1.0, description="generate this many times n before the critic keeps the best")
     max_new_tokens: int = Field(96, gt=0)
     temperature: float = Field(0.9, ge=0.0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(64, gt=0, description="rows per batch, at most (generation.max_batch_tokens also bounds it)")
     min_words: int = Field(3, ge=1)
     max_words: int = Field(60, ge=1)
     dedup_threshold: float = Field(0.7, gt=0.0, le=1.0, description="ROUGE-L F above which an instruction is a near-duplicate")
@@ -53,7 +55,7 @@ class CriticConfig(_Section):
     enabled: bool = True
     threshold: float = Field(0.5, ge=0.0, description="|margin| (nats) needed for a confident judgement")
     swap: bool = Field(True, description="also judge with options swapped and average (position-bias control)")
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(64, gt=0, description="rows per batch, at most (generation.max_batch_tokens also bounds it)")
 
 
 class ResponsesConfig(_Section):
@@ -63,7 +65,7 @@ class ResponsesConfig(_Section):
                             "whose samples were all unusable, before the stage stops short")
     temperature: float = Field(0.7, ge=0.0)
     max_new_tokens: int = Field(96, gt=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(64, gt=0, description="rows per batch, at most (generation.max_batch_tokens also bounds it)")
 
 
 class PairsConfig(_Section):
@@ -107,7 +109,7 @@ class EvalConfig(_Section):
     sets: list[str] = Field(default_factory=lambda: ["stage1"], description="'stage1' (shipped) or JSONL paths in the IFEval schema (e.g. IFEval's input_data.jsonl); items are keyed by (set, key)")
     limit: int | None = Field(None, gt=0, description="evaluate the first N items of each set")
     max_new_tokens: int = Field(128, gt=0)
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(64, gt=0, description="rows per batch, at most (generation.max_batch_tokens also bounds it)")
     suites: list[Literal["primary", "raw_probe", "fewshot_baseline"]] = Field(
         default_factory=lambda: ["primary", "raw_probe", "fewshot_baseline"])
     format: str | None = Field(None, description="evaluation prompt format; defaults to the training format")

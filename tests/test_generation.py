@@ -18,6 +18,7 @@ from cai.pipeline.generation import (  # noqa: E402
     HFGenerator,
     VLLMGenerator,
     _GumbelSampler,
+    token_budget_batches,
     encode_pair,
     truncate_at_stop,
     vllm_available,
@@ -135,12 +136,12 @@ def test_gumbel_sampler_matches_softmax():
     import torch
 
     logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(8000, 1)
-    picks = _GumbelSampler(list(range(8000)), 1.0)(None, logits).argmax(-1).tolist()
+    picks = _GumbelSampler(list(range(8000)), 1.0).perturb(range(8000), logits).argmax(-1).tolist()
     freq = collections.Counter(picks)
     for k, p in enumerate(torch.softmax(logits[0], -1).tolist()):
         assert abs(freq[k] / 8000 - p) < 0.02
     # temperature sharpens: at T=0.1 the argmax dominates
-    cold = _GumbelSampler(list(range(2000)), 0.1)(None, logits[:2000]).argmax(-1)
+    cold = _GumbelSampler(list(range(2000)), 0.1).perturb(range(2000), logits[:2000]).argmax(-1)
     assert (cold == 2).float().mean() > 0.99
 
 
@@ -154,3 +155,49 @@ def test_vllm_backend_refuses_without_vllm():
         pytest.skip("vllm installed")
     with pytest.raises(ImportError, match="vllm"):
         VLLMGenerator(llm=None, tokenizer=None)
+
+
+def test_rows_leave_the_batch_when_they_end(gen):
+    """A row that ends early (a stop string after a few tokens) does not cost the steps the
+    longest row still takes: the forward passes equal the longest row's steps, the work on
+    rows equals the tokens generated, and the result equals generating it alone."""
+    import torch
+
+    calls = []
+    hook = gen.model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        out = gen.generate(PROMPTS[:2], max_new_tokens=24, stop=[" "])  # the first space ends a row
+        free = gen.generate(PROMPTS[:2], max_new_tokens=24)
+    finally:
+        hook.remove()
+    stopped_calls, free_calls = calls[:len(calls) - 24], calls[len(calls) - 24:]
+    assert all(o.stop_reason == "stop" for o in out)
+    assert len(stopped_calls) < 24 and stopped_calls[0] == 2 and stopped_calls[-1] <= 2
+    assert [f.stop_reason for f in free] == ["length", "length"] and free_calls == [2] * 24
+    alone = [gen.generate([p], max_new_tokens=24, stop=[" "], batch_size=1)[0] for p in PROMPTS[:2]]
+    assert out == alone
+    assert torch.is_grad_enabled()
+
+
+def test_a_shorter_row_finishes_alone_and_the_rest_match_the_loop(gen):
+    """Rows of different lengths in one batch: each equals its one-prompt run (greedy and
+    seeded sampling), so dropping finished rows from the KV cache changes nothing."""
+    batched = gen.generate(PROMPTS, max_new_tokens=20, stop=["\n"])
+    single = [gen.generate([p], max_new_tokens=20, stop=["\n"], batch_size=1)[0] for p in PROMPTS]
+    assert batched == single
+    sampled = gen.generate(PROMPTS, max_new_tokens=12, temperature=0.8, seed=3, stop=["."])
+    alone = [gen.generate([p], max_new_tokens=12, temperature=0.8, seed=[s], stop=["."], batch_size=1)[0]
+             for p, s in zip(PROMPTS, _seeds(3, len(PROMPTS)))]
+    assert sampled == alone
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=40), max_rows=st.integers(1, 16),
+       max_tokens=st.integers(1, 4000), max_new=st.integers(1, 200))
+def test_token_budget_batches_cover_order_within_budget(lengths, max_rows, max_tokens, max_new):
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches = token_budget_batches(order, lengths, max_rows=max_rows, max_tokens=max_tokens, max_new_tokens=max_new)
+    assert [i for b in batches for i in b] == order
+    for b in batches:
+        assert 1 <= len(b) <= max_rows
+        assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + max_new) <= max_tokens

@@ -100,7 +100,8 @@ def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: lis
 
     from tqdm.auto import tqdm
 
-    gen = HFGenerator(slot.model, slot.tokenizer, batch_size=cfg.eval.batch_size)
+    gen = HFGenerator(slot.model, slot.tokenizer, batch_size=cfg.eval.batch_size,
+                      max_batch_tokens=cfg.generation.max_batch_tokens)
     done = {r["id"] for r in writer.done}
     total = sum(len(items) for suite in cfg.eval.suites for m in SUITE_MODELS[suite] if m in models)
     bar = tqdm(total=total, initial=len(done), desc="evaluation responses", unit="resp", mininterval=1.0)

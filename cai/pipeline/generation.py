@@ -3,8 +3,9 @@
 `HFGenerator(model, tokenizer)` wraps a loaded transformers model:
 
 * `generate(prompts, max_new_tokens=, temperature=, stop=, seed=)` -> `list[Generation]`:
-  batched (prompts sorted by token length, order restored), left padding, KV cache,
-  greedy at temperature 0, stop strings and EOS.
+  batched (prompts sorted by token length, order restored; batches sized by padded tokens,
+  `max_batch_tokens`, as well as rows), left padding, KV cache, greedy at temperature 0,
+  stop strings and EOS; a row leaves the batch the step it ends.
 * `next_token_logprobs(prompts, token_ids)` -> log-probs of the given ids as the next
   token: one forward pass per batch, only the last position's logits computed.
 * `loglikelihood([(context, continuation), ...])` -> summed continuation log-probs,
@@ -31,9 +32,13 @@ import inspect
 from dataclasses import dataclass
 from typing import Literal, Protocol, Sequence
 
+from cai.config import GenerationConfig
 from cai.pipeline.models import encode, encode_batch
 
 StopReason = Literal["stop", "eos", "length"]
+# Padded tokens a generation batch may hold (rows x (prompt + new tokens)): bounds the KV
+# cache (SmolLM2-135M: about 0.1 MB per token in fp32) whatever the row count.
+DEFAULT_MAX_BATCH_TOKENS = GenerationConfig.model_fields["max_batch_tokens"].default
 
 
 @dataclass(frozen=True)
@@ -86,49 +91,59 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def _batches(order: list[int], size: int) -> list[list[int]]:
-    return [order[i:i + size] for i in range(0, len(order), size)]
+def token_budget_batches(order: list[int], lengths: list[int], *, max_rows: int, max_tokens: int,
+                         max_new_tokens: int) -> list[list[int]]:
+    """Consecutive runs of `order` (longest prompt first) holding at most `max_rows` prompts and
+    at most `max_tokens` padded tokens at the end of decoding (rows x (longest prompt +
+    max_new_tokens)), and always at least one prompt. Batches of short prompts get more rows
+    than batches of long ones, so memory stays bounded and the matmuls stay wide."""
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            current = batches[-1]
+            width = max(lengths[current[0]], lengths[i]) + max_new_tokens
+            if len(current) < max_rows and (len(current) + 1) * width <= max_tokens:
+                current.append(i)
+                continue
+        batches.append([i])
+    return batches
 
 
 class _StopOnStrings:
-    """StoppingCriteria: a row is done once its new tokens' text contains a stop string.
-    Only a tail window of each row is decoded per step (enough tokens to hold the longest
-    stop string), so the cost per step is small next to a forward pass."""
+    """Whether a row's new tokens' text contains a stop string. Only a tail window of the row
+    is decoded (enough tokens to hold the longest stop string), so a check costs little next
+    to a forward pass."""
 
-    def __init__(self, tokenizer, stop: Sequence[str], prompt_len: int):
+    def __init__(self, tokenizer, stop: Sequence[str]):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
-        self.prompt_len = prompt_len
         self.window = max(len(s) for s in self.stop) + 2
 
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        new = input_ids[:, self.prompt_len:]
-        tails = self.tokenizer.batch_decode(new[:, -self.window:], skip_special_tokens=False,
-                                            clean_up_tokenization_spaces=False)
-        return torch.tensor([any(s in t for s in self.stop) for t in tails], dtype=torch.bool, device=input_ids.device)
+    def __call__(self, ids: list[int]) -> bool:
+        tail = self.tokenizer.decode(ids[-self.window:], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return any(s in tail for s in self.stop)
 
 
 class _GumbelSampler:
-    """LogitsProcessor that turns greedy search into sampling: adds Gumbel noise from one
-    generator per row to logits / temperature. Rows draw the same noise whatever batch
-    they sit in, so each request's sample depends only on (prompt, seed)."""
+    """Turns greedy search into sampling: adds Gumbel noise from one generator per request to
+    logits / temperature. A request draws one noise vector per step it is alive, whatever
+    batch it sits in, so its sample depends only on (prompt, seed)."""
 
     def __init__(self, seeds: Sequence[int], temperature: float):
         self.seeds = list(seeds)
         self.temperature = temperature
         self.generators = None
 
-    def __call__(self, input_ids, scores):
+    def perturb(self, rows: Sequence[int], scores):
+        """`scores[j]` belongs to request `rows[j]`."""
         import torch
 
         if self.generators is None:
             self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         scores = scores.float() / self.temperature
         tiny = torch.finfo(torch.float32).tiny
-        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device, dtype=torch.float32)
-                               for g in self.generators])
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=self.generators[r], device=scores.device,
+                                          dtype=torch.float32) for r in rows])
         exponential = -torch.log(uniform.clamp_min(tiny))
         return scores - torch.log(exponential.clamp_min(tiny))  # + Gumbel(0, 1) noise
 
@@ -142,7 +157,7 @@ class HFGenerator:
     `generated_tokens`) for benchmarks and stage statistics.
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16):
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS):
         if tokenizer.padding_side != "left":
             raise ValueError(f"HFGenerator needs a left-padding tokenizer (got padding_side={tokenizer.padding_side!r}); "
                              "load it through cai.pipeline.models")
@@ -151,10 +166,14 @@ class HFGenerator:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.eos_token_id = tokenizer.eos_token_id
         self.counters = {"scored_prompts": 0, "forward_batches": 0, "generated_tokens": 0, "generate_calls": 0}
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+        forward_params = inspect.signature(base.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in forward_params
+        # transformers renamed `past_key_values` to `cache` (the old name warns, then goes)
+        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
 
     @property
     def device(self):
@@ -188,9 +207,6 @@ class HFGenerator:
                  batch_size: int | None = None) -> list[Generation]:
         """Complete every prompt. `seed`: an int (request i samples with derive_seed(seed, i)) or
         one seed per prompt. Greedy (and seed-free) when temperature == 0."""
-        import torch
-        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
-
         prompts = list(prompts)
         if not prompts:
             return []
@@ -203,31 +219,18 @@ class HFGenerator:
             if len(seeds) != len(prompts):
                 raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
         stop = tuple(s for s in stop if s)
-        order, _ = self._order(prompts)
+        order, lengths = self._order(prompts)
         results: list[Generation | None] = [None] * len(prompts)
-        # Explicit neutral values: transformers fills unset fields from the checkpoint's
-        # generation_config, which may carry a repetition penalty or several EOS ids.
-        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                                  eos_token_id=self.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-                                  repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
         bar = _progress_bar(progress, len(prompts))
         call_tokens = 0
         self.counters["generate_calls"] += 1
         try:
-            for batch in _batches(order, batch_size or self.batch_size):
-                input_ids, attention_mask = self._tensors([prompts[i] for i in batch])
-                prompt_len = input_ids.shape[1]
-                processors = LogitsProcessorList()
-                if temperature > 0:
-                    processors.append(_GumbelSampler([seeds[i] for i in batch], temperature))
-                criteria = StoppingCriteriaList([_StopOnStrings(self.tokenizer, stop, prompt_len)] if stop else [])
-                with torch.inference_mode():
-                    out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                              generation_config=config, logits_processor=processors,
-                                              stopping_criteria=criteria)
-                new_tokens = out[:, prompt_len:].tolist()
-                for row, i in enumerate(batch):
-                    results[i] = self._finish(new_tokens[row], stop, max_new_tokens)
+            for batch in token_budget_batches(order, lengths, max_rows=batch_size or self.batch_size,
+                                              max_tokens=self.max_batch_tokens, max_new_tokens=max_new_tokens):
+                rows = self._decode([prompts[i] for i in batch], [seeds[i] for i in batch], temperature, stop,
+                                    max_new_tokens)
+                for i, (ids, reason) in zip(batch, rows):
+                    results[i] = self._finish(ids, reason, stop)
                 n_new = sum(results[i].n_new_tokens for i in batch)
                 call_tokens += n_new
                 self.counters["generated_tokens"] += n_new
@@ -240,38 +243,78 @@ class HFGenerator:
                 bar.close()
         return results  # type: ignore[return-value]
 
-    def _finish(self, ids: list[int], stop: Sequence[str], max_new_tokens: int) -> Generation:
-        """Turn one row of new token ids into a Generation. The row ends at its first EOS or
-        pad token (transformers pads rows that finished early; here pad = eos)."""
-        ends = {self.eos_token_id, self.tokenizer.pad_token_id}
-        n = next((k for k, t in enumerate(ids) if t in ends), len(ids))
-        text = self.tokenizer.decode(ids[:n], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    def _decode(self, texts: list[str], seeds: list[int], temperature: float, stop: Sequence[str],
+                max_new_tokens: int) -> list[tuple[list[int], StopReason]]:
+        """Greedy or Gumbel-max decoding of one batch with a KV cache, dropping each row from the
+        batch (and from the cache) the step it ends: at EOS, at a stop string, at the token cap.
+        `model.generate` keeps computing finished rows until the longest row ends, which on a
+        batch with varied lengths costs most of the work; transformers' continuous batching
+        (`generate_batch`) measured slower on the CPU. Returns each row's new ids (EOS
+        excluded) and why it ended."""
+        import torch
+
+        input_ids, attention_mask = self._tensors(texts)
+        positions = self._position_ids(attention_mask)
+        sampler = _GumbelSampler(seeds, temperature) if temperature > 0 else None
+        stop_check = _StopOnStrings(self.tokenizer, stop) if stop else None
+        new_ids: list[list[int]] = [[] for _ in texts]
+        reasons: list[StopReason] = ["length"] * len(texts)
+        alive = list(range(len(texts)))
+        kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=True, **kwargs)
+            cache, next_position = getattr(out, self._cache_arg), positions[:, -1:] + 1
+            for _ in range(max_new_tokens):
+                scores = out.logits[:, -1, :].float()
+                if sampler is not None:
+                    scores = sampler.perturb(alive, scores)
+                chosen = scores.argmax(dim=-1)
+                keep = []
+                for j, (row, token) in enumerate(zip(alive, chosen.tolist())):
+                    if token == self.eos_token_id or token == self.tokenizer.pad_token_id:
+                        reasons[row] = "eos"
+                        continue
+                    new_ids[row].append(token)
+                    if stop_check is not None and stop_check(new_ids[row]):
+                        reasons[row] = "stop"
+                    elif len(new_ids[row]) < max_new_tokens:
+                        keep.append(j)
+                if not keep:
+                    break
+                if len(keep) < len(alive):
+                    index = torch.tensor(keep, device=chosen.device)
+                    cache.batch_select_indices(index)
+                    attention_mask, next_position, chosen = attention_mask[index], next_position[index], chosen[index]
+                    alive = [alive[j] for j in keep]
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], dim=-1)
+                out = self.model(input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=next_position,
+                                 use_cache=True, **{self._cache_arg: cache}, **kwargs)
+                next_position = next_position + 1
+        return list(zip(new_ids, reasons))
+
+    def _finish(self, ids: list[int], reason: StopReason, stop: Sequence[str]) -> Generation:
+        """Turn one row's new token ids into a Generation, cut before its first stop string."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         text, stopped = truncate_at_stop(text, stop)
-        if stopped:
-            reason: StopReason = "stop"
-        elif n < len(ids) and ids[n] == self.eos_token_id:
-            reason = "eos"
-        elif n >= max_new_tokens:
-            reason = "length"
-        else:  # a stopping criterion ended the row but the full decode has no stop string (tokenizer edge case)
-            reason = "stop"
-        return Generation(text, reason, n)
+        return Generation(text, "stop" if stopped else reason, len(ids))
 
     # ------------------------------------------------------------------ scoring
 
     def next_token_logprobs(self, prompts: list[str], token_ids: Sequence[int], *,
                             batch_size: int | None = None) -> list[list[float]]:
         """log p(token | prompt) for each prompt and each of `token_ids` (full-vocab log-softmax).
-        One forward pass per batch; only the last position's logits are computed."""
+        One forward pass per batch (batched like `generate`); only the last position's logits are computed."""
         import torch
 
         prompts = list(prompts)
         if not prompts:
             return []
         ids = torch.tensor(list(token_ids), dtype=torch.long)
-        order, _ = self._order(prompts)
+        order, lengths = self._order(prompts)
         results: list[list[float] | None] = [None] * len(prompts)
-        for batch in _batches(order, batch_size or self.batch_size):
+        for batch in token_budget_batches(order, lengths, max_rows=batch_size or self.batch_size,
+                                          max_tokens=self.max_batch_tokens, max_new_tokens=0):
             input_ids, attention_mask = self._tensors([prompts[i] for i in batch])
             kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
             with torch.inference_mode():
@@ -298,10 +341,12 @@ class HFGenerator:
                 raise ValueError(f"empty context for continuation {x[:40]!r}: cai adds no BOS/prefix token to score it")
             if not cont:
                 raise ValueError(f"continuation {x!r} encodes to no tokens after context {c[-40:]!r}")
-        order = sorted(range(len(pairs)), key=lambda i: (-(len(pairs[i][0]) + len(pairs[i][1])), i))
+        lengths = [len(c) + len(x) - 1 for c, x in pairs]
+        order = sorted(range(len(pairs)), key=lambda i: (-lengths[i], i))
         pad = self.tokenizer.pad_token_id
         results: list[float | None] = [None] * len(pairs)
-        for batch in _batches(order, batch_size or self.batch_size):
+        for batch in token_budget_batches(order, lengths, max_rows=batch_size or self.batch_size,
+                                          max_tokens=self.max_batch_tokens, max_new_tokens=0):
             seqs = [(pairs[i][0] + pairs[i][1])[:-1] for i in batch]  # the last token is predicted, never input
             width = max(len(s) for s in seqs)
             input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs], device=self.device)

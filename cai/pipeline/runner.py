@@ -601,7 +601,8 @@ def data_generator(cfg: RunConfig, slot):
     """The one generator the data stages share (HF transformers on the slot's model)."""
     from cai.pipeline.generation import HFGenerator
 
-    return HFGenerator(slot.model, slot.tokenizer, batch_size=cfg.responses.batch_size)
+    return HFGenerator(slot.model, slot.tokenizer, batch_size=cfg.responses.batch_size,
+                       max_batch_tokens=cfg.generation.max_batch_tokens)
 
 
 def run_stages(run: Run, todo: list[str]) -> None:
