@@ -90,6 +90,7 @@ def test_every_rule_has_a_bad_fixture():
     marked = set()
     for d in CATEGORY_DIRS.values():
         marked |= {r for r, _, _ in expected(FIX / d / "bad")}
+    marked |= {r for r, _, _ in expected(FIX / "precision" / "bad")}
     assert marked == set(RULES) - {"parse-error"}
 
 
@@ -98,7 +99,7 @@ def test_severities():
     for r in RULES.values():
         by_category.setdefault(r.category, set()).add(r.severity)
     assert by_category == {
-        "chat-template": {"error"},
+        "chat-template": {"error", "warning"},  # a template left set with no renderer reachable is latent
         "memory-sequencing": {"error"},
         "format-parity": {"error"},
         "remote-code": {"error"},
@@ -178,10 +179,19 @@ def test_unsafe_loader_without_callers_and_module_level_tokenizer(tmp_path):
                 print(lib, encode("x"))
         """,
     })
-    assert got(audit([str(tmp_path)])) == {
-        ("chat-template-not-disabled", "lib.py", 5),
-        ("chat-template-not-disabled", "script.py", 5),
-    }
+    # nothing renders templates: the hazard is latent, a warning that says so
+    result = audit([str(tmp_path)])
+    assert got(result) == {("chat-template-latent", "lib.py", 5), ("chat-template-latent", "script.py", 5)}
+    for f in result.findings:
+        assert "latent" in f.message and "`tokenizer(text)` itself never applies one" in f.message
+    # once something renders templates (lm-eval with apply_chat_template) it is an error naming it
+    (tmp_path / "bench.py").write_text(
+        "import lm_eval\n\nif __name__ == '__main__':\n"
+        "    lm_eval.simple_evaluate(model='hf', tasks=['ifeval'], apply_chat_template=True)\n"
+    )
+    result = audit([str(tmp_path)])
+    assert got(result) == {("chat-template-not-disabled", "lib.py", 5), ("chat-template-not-disabled", "script.py", 5)}
+    assert all("bench.py:4" in f.message for f in result.findings)
 
 
 # ---------------------------------------------------------------------- recall patterns (#16)

@@ -70,6 +70,14 @@ RULES: dict[str, Rule] = {
             "render the checkpoint's chat template around a base model's prompts.",
         ),
         Rule(
+            "chat-template-latent",
+            "chat-template",
+            "warning",
+            "Tokenizer keeps its chat template, though nothing renders templates yet",
+            "Set `tokenizer.chat_template = None` right after loading, so a template renderer added later "
+            "(apply_chat_template, TRL conversational data, lm-eval, vLLM chat) cannot wrap a base model's prompts.",
+        ),
+        Rule(
             "apply-chat-template",
             "chat-template",
             "error",

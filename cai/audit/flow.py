@@ -240,16 +240,70 @@ class FlowAnalyzer:
                         if not _disables_in(sf.nodes, name) and _referenced_in_functions(sf.nodes, name):
                             reason = f"the module-level `{name}` is used by functions of the module and never has its template disabled"
                             break
-            if reason:
+            if not reason:
+                continue
+            fix = (
+                "Fix: set `tokenizer.chat_template = None` right after loading (or pass chat_template=None, or "
+                "load through one project loader that does)."
+            )
+            renderer = self.renderer()
+            if renderer is None:
                 self.add(
-                    "chat-template-not-disabled",
+                    "chat-template-latent",
                     o.sf,
                     o.node,
-                    f"{o.how} loads a tokenizer and keeps the checkpoint's chat template: {reason}. "
-                    "A base model prompted or trained through a chat template is no longer a base model, "
-                    "so base-vs-trained comparisons are void. Fix: set `tokenizer.chat_template = None` "
-                    "right after loading (or pass chat_template=None, or load through one project loader that does).",
+                    f"{o.how} loads a tokenizer and leaves the checkpoint's chat template set: {reason}. Nothing in "
+                    "the audited code renders templates (apply_chat_template, a TRL trainer on conversational data, "
+                    "lm-eval's apply_chat_template, vLLM's LLM.chat) and `tokenizer(text)` itself never applies one, "
+                    "so the hazard is latent: the first such call added later silently wraps a base model's prompts. "
+                    + fix,
                 )
+                continue
+            rsf, rline, what = renderer
+            self.add(
+                "chat-template-not-disabled",
+                o.sf,
+                o.node,
+                f"{o.how} loads a tokenizer and keeps the checkpoint's chat template: {reason}, and {what} "
+                f"({rsf.rel}:{rline}) renders chat templates in this codebase. A base model prompted or trained "
+                "through a chat template is no longer a base model, so base-vs-trained comparisons are void. " + fix,
+            )
+
+    def renderer(self) -> tuple | None:
+        """(file, line, what) of the first thing in the audited code that renders chat templates:
+        apply_chat_template (a call, or lm-eval's `apply_chat_template=True`), vLLM `LLM.chat`, or
+        a TRL trainer in a file building conversational ("messages") data."""
+        if not hasattr(self, "_renderer"):
+            self._renderer = None
+            for sf in self.cb.parsed:
+                trl = bool({"SFTTrainer", "DPOTrainer"} & sf.names)
+                for n in sf.nodes:
+                    if isinstance(n, ast.Attribute) and n.attr == "apply_chat_template":
+                        self._renderer = (sf, n.lineno, "apply_chat_template()")
+                    elif isinstance(n, ast.keyword) and n.arg == "apply_chat_template" and not is_const(n.value, False):
+                        self._renderer = (sf, n.value.lineno, "apply_chat_template=")
+                    elif isinstance(n, ast.Attribute) and n.attr == "chat" and "LLM" in sf.names:
+                        self._renderer = (sf, n.lineno, "vLLM LLM.chat()")
+                    elif trl and isinstance(n, ast.Constant) and n.value == "messages":
+                        self._renderer = (sf, n.lineno, "a TRL trainer on conversational data")
+                    if self._renderer is not None:
+                        return self._renderer
+        return self._renderer
+
+
+NO_SPECIAL_TOKENS_RE = re.compile(r"qwen|(^|/)(distil)?gpt2|pythia|gpt-neox", re.I)
+
+
+def adds_no_special_tokens(o: TokOrigin) -> bool:
+    """Whether the tokenizer's default encoding adds no BOS/EOS, as far as the load shows: a
+    checkpoint named literally from a family that adds none (Qwen, GPT-2, Pythia/GPT-NeoX) or
+    `add_bos_token=False` (with no `add_eos_token=True`) at the load."""
+    if is_const(kwarg(o.node, "add_bos_token"), False) and not is_const(kwarg(o.node, "add_eos_token"), True):
+        return True
+    name = o.node.args[0] if o.node.args else kwarg(o.node, "pretrained_model_name_or_path")
+    if isinstance(name, ast.Name):
+        name = o.sf.consts.get(name.id)
+    return isinstance(name, ast.Constant) and isinstance(name.value, str) and bool(NO_SPECIAL_TOKENS_RE.search(name.value))
 
 
 def _disables_in(tree, key: str) -> bool:
@@ -293,6 +347,11 @@ class Scope:
         self.opaque: set[str] = set()  # names bound here to values of unknown kind
         self.suppress = 0
         self.loop_depth = 0
+        # the rest of the current path never runs (after return / raise / break); a path that
+        # ended so leaves no state behind: `try: m = load(); return m` does not hold m in the
+        # next retry, and an `except` fallback starts from the state before the failed load
+        self.dead = False
+        self.breaks: list[list[tuple]] = []
 
     # ------------------------------------------------------------------ driver
     def run(self) -> Summary:
@@ -330,6 +389,8 @@ class Scope:
     # ------------------------------------------------------------------ statements
     def stmts(self, body) -> None:
         for s in body:
+            if self.dead:
+                return
             self.stmt(s)
 
     def stmt(self, s: ast.stmt) -> None:
@@ -352,6 +413,10 @@ class Scope:
             self.ev(s.value)
         elif isinstance(s, ast.Return):
             self.on_return(self.ev(s.value) if s.value is not None else None)
+            self.dead = True
+        elif isinstance(s, ast.Break) and self.breaks:
+            self.breaks[-1].append(self.state())
+            self.dead = True
         elif isinstance(s, ast.Delete):
             for t in s.targets:
                 self.delete(t)
@@ -387,12 +452,17 @@ class Scope:
                 if h.type is not None
                 for t in (h.type.elts if isinstance(h.type, ast.Tuple) else [h.type])
             )
+            before = self.state()
             self.suppress += probe
             self.stmts(s.body)
             self.suppress -= probe
-            for h in s.handlers:
-                self.stmts(h.body)
             self.stmts(s.orelse)
+            outs = [self.state()]
+            for h in s.handlers:  # a handler runs when the body failed: from the state before it
+                self.restore(before)
+                self.stmts(h.body)
+                outs.append(self.state())
+            self.merge(before, outs)
             self.stmts(s.finalbody)
         elif isinstance(s, ast.Match):
             self.ev(s.subject)
@@ -400,15 +470,36 @@ class Scope:
         elif isinstance(s, (ast.Raise, ast.Assert)):
             for child in ast.iter_child_nodes(s):
                 self.ev(child)
+            self.dead = isinstance(s, ast.Raise)
 
     def loop(self, body, target=None) -> None:
         passes = 2 if self.loop_depth < MAX_LOOP_DEPTH else 1
         self.loop_depth += 1
+        before = self.state()
+        self.breaks.append([])
         for _ in range(passes):
+            if self.dead:
+                break  # every path through the body returned or raised: no next iteration
             if target is not None:
                 self.bind(target, None)
             self.stmts(body)
         self.loop_depth -= 1
+        self.merge(before, [self.state(), *self.breaks.pop()])
+
+    def state(self) -> tuple:
+        return (dict(self.env), {k: list(v) for k, v in self.cont.items()}, self.dead)
+
+    def restore(self, st: tuple) -> None:
+        self.env, self.cont, self.dead = dict(st[0]), {k: list(v) for k, v in st[1].items()}, False
+
+    def merge(self, before: tuple, outs: list[tuple]) -> None:
+        """Continue from the paths that reach the end (all dead: dead, from `before`)."""
+        live = [(e, c) for e, c, dead in outs if not dead]
+        if not live:
+            self.restore(before)
+            self.dead = True
+            return
+        self._join(before[0], before[1], live)
 
     def branches(self, bodies) -> None:
         base_env = dict(self.env)
@@ -417,8 +508,12 @@ class Scope:
         for body in bodies:
             self.env = dict(base_env)
             self.cont = {k: list(v) for k, v in base_cont.items()}
+            self.dead = False
             self.stmts(body)
-            outs.append((self.env, self.cont))
+            outs.append((self.env, self.cont, self.dead))
+        self.merge((base_env, base_cont, False), outs)
+
+    def _join(self, base_env: dict, base_cont: dict, outs: list[tuple]) -> None:
         # a binding released in any branch counts as released (optimistic about releases);
         # a value bound in any branch counts as bound (pessimistic about loads).
         released = {k for e, _ in outs for k in base_env if k not in e}
@@ -438,7 +533,7 @@ class Scope:
                     if not any(v is b for b in base) and not any(v is n for n in new):
                         new.append(v)
             cont[k] = kept + new
-        self.env, self.cont = env, cont
+        self.env, self.cont, self.dead = env, cont, False
 
     def bind(self, t: ast.AST, v) -> None:
         if isinstance(t, (ast.Tuple, ast.List)):
@@ -625,7 +720,7 @@ class Scope:
         # calling a tracked value: tok(text), pipe(prompt)
         if isinstance(fval, Val):
             if self.tokish(fval, fk):
-                self.encode(node, fk or "tokenizer")
+                self.encode(node, fk or "tokenizer", fval)
                 self.use(fval, node, "used to encode text")
             elif fval.kind == "pipe":
                 self.check_messages(node, args, "a text-generation pipeline")
@@ -822,15 +917,17 @@ class Scope:
         if v.kind == "tok" and not v.disabled and v.origin is not None and v.origin.unsafe_use is None:
             v.origin.unsafe_use = (self.sf.rel, node.lineno, what)
 
-    def encode(self, node: ast.Call, desc: str) -> None:
+    def encode(self, node: ast.Call, desc: str, tok=None) -> None:
         if not node.args and not any(kw.arg in ("text", "text_pair", "text_target") for kw in node.keywords):
             return
         names = {kw.arg for kw in node.keywords}
         val = kwarg(node, "add_special_tokens")
         if val is None and None in names:
             return  # **kwargs may carry it
-        if val is not None and not is_const(val, True):
-            return  # False, or decided elsewhere
+        if val is not None:
+            return  # passed explicitly (False, True as a deliberate choice, or decided elsewhere)
+        if isinstance(tok, Val) and tok.origin is not None and adds_no_special_tokens(tok.origin):
+            return  # the default adds nothing for this tokenizer
         self.finding(
             "special-tokens-default",
             node,
