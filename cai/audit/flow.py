@@ -20,6 +20,16 @@ The model is deliberately small and stdlib-only:
 - A tokenizer whose template is never disabled is reported once, at its load site (where the fix
   goes), when it is used (encoded, passed on, saved) before `chat_template = None`, stored on
   `self` by a class that never disables it, or returned to callers none of which disables it.
+- A path that ends (`return`, `raise`, `break`) leaves no state behind: a retry loop returning
+  the first successful load, and an `except` fallback (walked from the state before the failed
+  `try` body), hold one model, not two.
+- An explicit `add_special_tokens=...` (True included) is a deliberate choice and never reported;
+  neither is the default for tokenizers that add no BOS/EOS (a literal Qwen / GPT-2 / Pythia
+  checkpoint, or `add_bos_token=False` at the load).
+- A template left set is chat-template-not-disabled (error, naming the renderer) only where the
+  audited code renders templates somewhere (apply_chat_template, lm-eval `apply_chat_template=`,
+  vLLM `LLM.chat`, a TRL trainer in a file building "messages" data); otherwise the latent warning
+  chat-template-latent, which says that `tokenizer(text)` itself applies no template.
 - Model loads while another owned model is referenced in the same scope are reported at the load.
   Wrapping (`PeftModel.from_pretrained(base, ...)`, `get_peft_model`) is not a load; `del x`,
   `x = None`, `x.cpu()`, `x.to("cpu")` and release-named helpers are releases.
