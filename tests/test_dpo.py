@@ -38,7 +38,8 @@ def sft_adapter(slots, tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(slots, sft_adapter, tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo")
-    result = dpo.train_dpo(run_config(), slots.get(), preference_records(32), sft_adapter, out)
+    cfg = run_config(dpo={"precompute_ref_log_probs": True})  # the precomputed path and its drift check
+    result = dpo.train_dpo(cfg, slots.get(), preference_records(32), sft_adapter, out)
     points = json.loads((out / "loss_curve.json").read_text())["points"]
     return {"result": result, "out": out, "points": points}
 
@@ -157,3 +158,15 @@ def test_resume_without_precomputed_reference(slots, sft_adapter, tmp_path):
     cfg = run_config(dpo={"max_steps": 2, "save_steps": 1, "precompute_ref_log_probs": False})
     second = dpo.train_dpo(cfg, slots.get(), pairs, sft_adapter, tmp_path, resume=True)
     assert second["resumed_from"].endswith("checkpoint-1") and (second["steps"], second["steps_this_run"]) == (2, 1)
+
+
+def test_the_reference_is_precomputed_when_training_draws_every_pair():
+    """Unset, `precompute_ref_log_probs` precomputes exactly when the per-step reference would
+    cost at least as many forward passes (steps x effective batch >= pairs); set, it is obeyed."""
+    section = run_config().dpo  # batch 4, 6 steps
+    assert dpo.precompute_reference(section, n_pairs=24) is True
+    assert dpo.precompute_reference(section, n_pairs=25) is False
+    assert dpo.precompute_reference(section, n_pairs=25, world_size=2) is True
+    assert dpo.precompute_reference(section.model_copy(update={"max_steps": -1}), n_pairs=10_000) is True
+    assert dpo.precompute_reference(section.model_copy(update={"precompute_ref_log_probs": True}), n_pairs=10_000) is True
+    assert dpo.precompute_reference(section.model_copy(update={"precompute_ref_log_probs": False}), n_pairs=1) is False

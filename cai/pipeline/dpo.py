@@ -51,14 +51,27 @@ def load_sft_policy(base, sft_adapter_dir: Path, cfg: RunConfig):
     return PeftModel.from_pretrained(base, str(sft_adapter_dir), is_trainable=True)
 
 
+def precompute_reference(section, n_pairs: int, world_size: int = 1) -> bool:
+    """`dpo.precompute_ref_log_probs`, resolved. Precomputing costs one reference forward pass
+    per pair before training; computing per step costs one per pair per step it is drawn.
+    They are equal when training draws every pair once, so precompute (the cheaper step)
+    unless `max_steps` stops training before one pass over the pairs."""
+    if section.precompute_ref_log_probs is not None:
+        return section.precompute_ref_log_probs
+    if section.max_steps <= 0:
+        return True
+    return section.max_steps * section.batch_size * section.grad_accum * world_size >= n_pairs
+
+
 def build_dpo_trainer(cfg: RunConfig, policy, tokenizer, pairs: list[dict], out_dir: Path):
     """DPOTrainer over the SFT policy with no peft_config and no ref_model: TRL adds the
-    frozen "ref" adapter (a copy of "default") and uses it as the reference. With
-    `precompute_ref_log_probs` the reference log-probs are computed here, once."""
+    frozen "ref" adapter (a copy of "default") and uses it as the reference. With the
+    reference precomputed (`precompute_reference`) its log-probs are computed here, once."""
     from trl import DPOConfig, DPOTrainer
 
+    world_size = training.process_state(cfg.model).num_processes
     args = DPOConfig(**training.trainer_args(cfg, cfg.dpo, out_dir), beta=cfg.dpo.beta,
-                     precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs)
+                     precompute_ref_log_probs=precompute_reference(cfg.dpo, len(pairs), world_size))
     return DPOTrainer(model=policy, ref_model=None, args=args, train_dataset=preference_dataset(pairs),
                       processing_class=tokenizer, callbacks=[training.loss_curve_callback(out_dir, "dpo")])
 
@@ -131,7 +144,7 @@ def train_dpo(cfg: RunConfig, slot, pairs: list[dict], sft_adapter_dir: Path, ou
                                        results=[truncation])
             return training.finish(stage="dpo", cfg=cfg, section=cfg.dpo, trainer=trainer, run=run, out_dir=out_dir,
                                    started=started, n_records=len(pairs), beta=trainer.beta,
-                                   precompute_ref_log_probs=cfg.dpo.precompute_ref_log_probs,
+                                   precompute_ref_log_probs=bool(trainer.precompute_ref_logps),
                                    loss_type=list(trainer.loss_types), reference=reference,
                                    sft_adapter=str(Path(sft_adapter_dir).resolve()))
         finally:
