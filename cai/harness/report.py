@@ -115,6 +115,16 @@ def _plots(run_dir: Path, results: dict[str, Any] | None) -> dict[str, Path]:
     return made
 
 
+ALPHA = 0.05
+
+
+def established(comparison: dict) -> bool:
+    """A difference the report may state: Holm-adjusted McNemar p below ALPHA and the
+    cluster CI excluding 0 (a point estimate alone is never called a win)."""
+    lo, hi = comparison["ci95"]
+    return comparison["mcnemar_p_holm"] < ALPHA and (lo > 0 or hi < 0)
+
+
 def _fmt_ci(ci) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
@@ -211,9 +221,16 @@ def _results_section(results: dict[str, Any]) -> list[str]:
     md += ["### Did training beat prompting?", ""]
     if prompting:
         md += [f"- {c['sentence']}" for c in prompting]
-        losers = [c["b"] for c in prompting if c["diff_b_minus_a"] < 0]
-        md += ["", f"**Few-shot base beats {' and '.join(losers)}**: prompting alone did better than training."
-               if losers else "No trained model scores below the few-shot base."]
+        beaten = [c["b"] for c in prompting if c["diff_b_minus_a"] < 0 and established(c)]
+        below = [c["b"] for c in prompting if c["diff_b_minus_a"] < 0 and not established(c)]
+        if beaten:
+            md += ["", f"**Few-shot base beats {' and '.join(beaten)}** (Holm-adjusted p < {ALPHA}, cluster CI "
+                       "excluding 0): prompting alone did better than training."]
+        if below:
+            md += ["", f"Few-shot base scores above {' and '.join(below)}, but no difference is established at this N: "
+                       "training has not been shown to beat prompting, nor prompting training."]
+        if not beaten and not below:
+            md += ["", "No trained model scores below the few-shot base."]
     else:
         md.append("Not measured: the run has no few-shot baseline suite next to the primary suite.")
     md.append("")
