@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 
 from cai.audit.codebase import Codebase, SourceFile, dotted_parts
 from cai.audit.findings import Finding
-from cai.audit.flow import ENCODE_METHODS, TOK_NAME_RE, ext_kind, key_of
+from cai.audit.loaders import ext_kind
+from cai.audit.tokenizers import ENCODE_METHODS, TOK_NAME_RE
+from cai.audit.values import key_of
 
 _LABELS = r"instruction|response|input|output|question|answer|user|assistant|human|prompt|completion|context|system"
 CUE_RE = re.compile(rf"(?:^|\n)[ \t]*(?:#{{1,4}}[ \t]*)?(?:(?i:({_LABELS}))|(Q|A))[ \t]*:")

@@ -36,7 +36,7 @@ from collections import Counter
 from cai.audit.codebase import Codebase, SourceFile, dotted_parts
 from cai.audit.defaults import Defaults, Param, params_of
 from cai.audit.findings import Finding
-from cai.audit.flow import is_const
+from cai.audit.values import is_const
 
 ENTRY_NAMES = {"__main__.py", "setup.py", "conftest.py", "manage.py", "noxfile.py", "fabfile.py", "conf.py"}
 
