@@ -37,6 +37,11 @@ The model is deliberately small and stdlib-only:
   tokenizers, render templates and load extra tiny models on purpose, as negative controls.
   `with pytest.raises(...)` blocks and `try:` blocks catching a `*ChatTemplate*` exception
   (probes that the template refuses) are not reported on anywhere.
+
+This module is the driver: `FlowAnalyzer` runs the scopes and summarises called functions, and
+`Scope.call` resolves each call. The concerns live beside it: `cai.audit.values` (abstract values
+and the path-sensitive walk), `cai.audit.loaders` (what loads, wraps or releases a model, and the
+memory-sequencing findings), `cai.audit.tokenizers` (templates, encodings and their findings).
 """
 
 
