@@ -49,6 +49,9 @@ class InstructionsConfig(_Section):
     max_words: int = Field(60, ge=1)
     dedup_threshold: float = Field(0.7, gt=0.0, le=1.0, description="ROUGE-L F above which an instruction is a near-duplicate")
     max_rounds: int = Field(20, gt=0, description="generation budget: rounds before giving up short")
+    constraints: float = Field(0.0, ge=0.0, le=1.0, description="share of the kept open instructions given one "
+                               "verifiable IFEval constraint (lm-eval's own wording, arguments seeded per record), "
+                               "which then gates their chosen responses")
 
 
 class CriticConfig(_Section):

@@ -3,6 +3,7 @@ templates, and a real run on the embedded model (deduplicated, parseable, resuma
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 
@@ -18,9 +19,14 @@ from cai.errors import CaiError  # noqa: E402
 from cai.pipeline import formats  # noqa: E402
 from cai.pipeline.generation import HFGenerator  # noqa: E402
 from cai.pipeline.instructions import (  # noqa: E402
+    CONSTRAINT_FAMILIES,
+    FILTERS,
     TEMPLATES,
     TYPES,
+    CandidateFilter,
     NearDupIndex,
+    add_constraints,
+    decontamination_index,
     generate_instructions,
     infer_type,
     lcs_length,
@@ -207,8 +213,7 @@ def test_model_instructions_are_parseable_and_deduplicated(generated):
         assert max(rouge_l(r["instruction"], o) for o in others) < cfg.instructions.dedup_threshold
     counts = stats["counts"]
     assert counts["kept"] == len(recs)
-    assert counts["parsed"] == counts["kept"] + sum(counts[f] for f in
-                                                     ("empty", "truncated", "too_short", "too_long", "invalid", "near_duplicate"))
+    assert counts["parsed"] == counts["kept"] + sum(counts[f] for f in FILTERS)
 
 
 def test_model_instructions_resume_equals_uninterrupted(gen, generated, tmp_path):
@@ -219,6 +224,71 @@ def test_model_instructions_resume_equals_uninterrupted(gen, generated, tmp_path
     resumed = ArtifactWriter(tmp_path / "r", "instructions", config_hash=cfg.hash(), resume=True)
     generate_instructions(cfg, gen, resumed)
     assert resumed.done == recs
+
+
+def test_candidate_copying_an_eval_item_is_dropped_as_contaminated():
+    """Decontamination where instructions are made: a continuation that copies a Stage-1 item
+    (behind its own lead-in) loses that item, keeps its clean neighbour, and is counted."""
+    from cai.pipeline.compare import load_eval_set
+
+    cfg = _cfg(n=4, seeds_per_prompt=3)
+    stage1 = load_eval_set("stage1")[7]["instruction"]
+    clean = "Write a short haiku about a lighthouse in winter."
+    filt = CandidateFilter(cfg, load_seeds())
+    raw = {"round": 0, "prompt_index": 0, "seed_ids": [0, 1, 2], "stop_reason": "stop",
+           "text": f" Please help: {stage1}\n5. {clean}\n"}
+    kept = filt.feed([raw])
+    assert [r["instruction"] for r in kept] == [clean]
+    assert filt.counts["contaminated"] == 1 and filt.counts["parsed"] == 2
+    # the run's own invariant agrees with the filter on both items
+    index = decontamination_index(cfg)
+    assert index.match(f"Please help: {stage1}") is not None and index.match(clean) is None
+
+
+def _open_records(n: int) -> list[dict]:
+    tasks = ["Describe a quiet morning in a small fishing village.", "Explain how a bicycle gear works.",
+             "Tell a short story about a lost umbrella.", "Suggest a weekend plan for a rainy city."]
+    return [{"id": f"inst-r000-p{i:04d}-i0", "instruction": tasks[i % len(tasks)], "type": "open", "source": "model",
+             "critic": {"margin": 0.2}} for i in range(n)]
+
+
+def test_constraints_come_from_the_checker_and_gate_responses():
+    from cai.pipeline.responses import verifiable_constraint
+
+    cfg = _cfg(n=4, constraints=1.0)
+    recs = _open_records(12) + [{"id": "x", "instruction": "Write a poem in all capital letters.", "type": "uppercase",
+                                  "source": "model", "critic": {"margin": 0.3}}]
+    out, stats = add_constraints(cfg, recs)
+    assert out == add_constraints(cfg, recs)[0]  # seeded per record
+    assert out[-1] == recs[-1]  # a stated constraint is not stacked with another
+    assert stats["added"] == 12 and sum(stats["families"].values()) == 12 and len(stats["families"]) > 3
+    for before, after in zip(recs, out[:-1]):
+        assert after["task"] == before["instruction"] and after["instruction"].startswith(before["instruction"] + " ")
+        assert after["critic"] == before["critic"] and after["type"] == CONSTRAINT_FAMILIES[after["instruction_id_list"][0]]
+        gate = verifiable_constraint(after)  # the kwargs are complete: the checker draws nothing
+        assert gate["source"] == "record" and gate["instruction_id_list"] == after["instruction_id_list"]
+    assert add_constraints(_cfg(n=4), recs) == (recs, {"share": 0.0, "added": 0})
+
+
+def test_a_constraint_that_would_copy_an_eval_item_is_not_added(tmp_path):
+    """Decontamination covers the constrained text too: a 12-word task, and an eval set
+    holding that task followed by the first word of every family's constraint, so each
+    constrained text shares a 13-gram with an item: the task is left as it was, and counted."""
+    from cai.pipeline.evaluate import describe_constraint
+
+    task = "Describe a quiet morning in a small fishing village near the sea."
+    rec = dict(_open_records(1)[0], instruction=task)
+    firsts = {describe_constraint(iid, 0)[0].split()[0] for iid in CONSTRAINT_FAMILIES}
+    items = [{"key": k, "prompt": f"{task} {word} now.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+             for k, word in enumerate(sorted(firsts), start=1)]
+    path = tmp_path / "eval.jsonl"
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    cfg = RunConfig.model_validate({"name": "t", "instructions": {"n": 1, "constraints": 1.0},
+                                    "eval": {"sets": [str(path)]}})
+    out, stats = add_constraints(cfg, [rec])
+    assert out == [rec] and stats["left_contaminated"] == 1 and stats["added"] == 0
+    clean = RunConfig.model_validate({"name": "t", "instructions": {"n": 1, "constraints": 1.0}})
+    assert add_constraints(clean, [rec])[1]["added"] == 1
 
 
 def test_shortfall_is_an_error_with_counts(gen, tmp_path):

@@ -3,21 +3,20 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 
-def preflight(tmp_path, overrides):
+def violating_config(tmp_path, overrides) -> Path:
     cfg = yaml.safe_load(open("configs/smoke.yaml"))
     for dotted, value in overrides.items():
         section, key = dotted.split(".")
         cfg[section][key] = value
     path = tmp_path / "violating.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run([sys.executable, "-m", "cai.cli", "preflight", str(path), "--out", str(tmp_path / "pf")],
-                          capture_output=True, text=True, timeout=300)
-    return proc, json.loads((tmp_path / "pf" / "violating.json").read_text())
+    return path
 
 
 @pytest.mark.parametrize("overrides, row", [
@@ -28,13 +27,24 @@ def preflight(tmp_path, overrides):
     ({"instructions.source": "templates"}, "instructions are model-generated"),
     ({"model.trust_remote_code": True}, "remote code off"),
 ])
-def test_methodology_violation_fails_with_the_row_named(tmp_path, overrides, row):
-    proc, report = preflight(tmp_path, overrides)
-    assert proc.returncode == 1, proc.stderr
+def test_methodology_violation_fails_with_the_row_named(tmp_path, overrides, row, capsys):
+    """In process (the CLI's own `main`); the console exit status is the next test's."""
+    from cai.cli import main
+
+    assert main(["preflight", str(violating_config(tmp_path, overrides)), "--out", str(tmp_path / "pf")]) == 1
+    report = json.loads((tmp_path / "pf" / "violating.json").read_text())
     failed = [r["requirement"] for r in report["compliance"] if not r["passed"]]
     assert len(failed) == 1 and failed[0].startswith(row)
-    assert f"FAIL  {row}" in proc.stderr
+    assert f"FAIL  {row}" in capsys.readouterr().err
     assert report["rehearsal_error"].startswith("skipped")
+
+
+def test_violation_exits_1_from_the_console(tmp_path):
+    path = violating_config(tmp_path, {"critic.enabled": False})
+    proc = subprocess.run([sys.executable, "-m", "cai.cli", "preflight", str(path), "--out", str(tmp_path / "pf")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "FAIL  critic filtering on" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_smoke_config_complies():

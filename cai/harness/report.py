@@ -302,6 +302,37 @@ def _invariants_section(invariants: list[dict[str, Any]], lm_eval: dict[str, Any
     return md
 
 
+def _data_and_time_section(run_dir: Path) -> list[str]:
+    """What the training data is made of and where the wall time went, from the manifests:
+    a reviewer's first questions after the headline number."""
+    rows, notes = [], []
+    for d in _stage_dirs(run_dir):
+        m = _manifest_or_none(d)
+        if not m:
+            continue
+        seconds = (m.get("timings") or {}).get("wall_seconds")
+        rows.append(f"| {d.name} | {(m.get('outputs') or {}).get('records', '-')} | "
+                    f"{'-' if seconds is None else f'{seconds:.0f}'} |")
+        extra = m.get("extra") or {}
+        if d.name == "instructions":
+            critic, added = extra.get("critic") or {}, (extra.get("constraints") or {}).get("added", 0)
+            if critic.get("enabled"):
+                notes.append(f"instructions: the critic kept {critic.get('n_kept')} of {critic.get('n_candidates')} "
+                             f"candidates (margin >= {critic.get('threshold')}); {added} were given a verifiable "
+                             "IFEval constraint")
+        if d.name == "responses":
+            v = (extra.get("responses") or {}).get("verifier") or {}
+            if v.get("gated"):
+                notes.append(f"responses: {v['gated']} chosen answers gated by their constraint's checker; "
+                             f"{v['chosen_passes']} pass it, {v['none_passes']} had no passing candidate "
+                             "(kept for SFT, no preference pair)")
+    if not rows:
+        return []
+    total = sum(float(r.split("|")[3]) for r in rows if r.split("|")[3].strip() != "-")
+    return (["## Data and time", "", "| stage | records | wall seconds |", "|---|---|---|"] + rows
+            + [f"| **total** | | **{total:.0f}** |", ""] + [f"- {n}" for n in notes] + ([""] if notes else []))
+
+
 def build_report(run_dir: str | Path, invariants: list[dict[str, Any]], results: dict[str, Any] | None) -> Path:
     """Write reports/report.md, report.html and results.json for a run from `invariants`
     (result dicts with `where`) and `results` (None: no scores this invocation; a stale
@@ -358,6 +389,7 @@ def build_report(run_dir: str | Path, invariants: list[dict[str, Any]], results:
                        f"{c['a']} {'pass' if d[c['a'] + '_pass'] else 'fail'}: {_clip(d[c['a'] + '_response'], 160)!r}; "
                        f"{c['b']} {'pass' if d[c['b'] + '_pass'] else 'fail'}: {_clip(d[c['b'] + '_response'], 160)!r}"]
             md.append("")
+    md += _data_and_time_section(run_dir)
     md += ["## Plots", ""] + [f"![{name}]({Path(os.path.relpath(p, report_dir)).as_posix()})" for name, p in plots.items()] + [""]
     md += _invariants_section(invariants, lm_eval)
     md += ["## Provenance", ""]

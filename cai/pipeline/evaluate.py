@@ -178,6 +178,22 @@ def validate_item(item: dict) -> list[str]:
     return notes
 
 
+def describe_constraint(instruction_id: str, seed: int) -> tuple[str, dict]:
+    """(instruction text, kwargs) of one IFEval constraint, written by lm-eval's own checker:
+    `build_description()` draws the arguments (a word count, keywords, an end phrase) from
+    `random`, seeded here with `seed` and restored after, so the same seed gives the same
+    constraint. The kwargs are complete: `validate_item` accepts them unchanged."""
+    _, registry = _ifeval()
+    checker = registry.INSTRUCTION_DICT[instruction_id](instruction_id)
+    state = random.getstate()
+    try:
+        random.seed(seed)
+        description = checker.build_description()
+    finally:
+        random.setstate(state)
+    return " ".join(description.split()), dict(checker.get_instruction_args() or {})
+
+
 # --------------------------------------------------------------------------- loading
 
 

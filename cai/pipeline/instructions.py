@@ -3,12 +3,15 @@
 The base model continues a numbered list of seed instructions (`formats.render_instruction_list`);
 the next numbered items are parsed out of its continuation, normalised and filtered:
 
-    parsed -> empty -> truncated -> too short / too long -> invalid -> near-duplicate -> kept
+    parsed -> empty -> truncated -> too short / too long -> invalid -> near-duplicate -> contaminated -> kept
 
 * truncated: the last item of a continuation that hit `max_new_tokens` without a line end;
 * invalid: a prompt-format boundary or chat marker inside, mostly non-letters, or not
   renderable in the training format;
-* near-duplicate: ROUGE-L F >= `instructions.dedup_threshold` against a seed or a kept item.
+* near-duplicate: ROUGE-L F >= `instructions.dedup_threshold` against a seed or a kept item;
+* contaminated: overlaps an item of an evaluation set in `eval.sets` (`EvalOverlapIndex`, the
+  index the `no_train_eval_overlap` invariant checks training data with), so decontamination
+  happens where instructions are made instead of failing the run stages later.
   ROUGE-L is implemented here (LCS over lowercase alphanumeric word tokens, the tokenisation
   of Google's `rouge-score` without stemming): 20 lines do not justify a dependency, and a
   test checks it against `rouge-score` where that package happens to be installed.
@@ -42,13 +45,14 @@ from typing import Any, Sequence
 
 from cai.config import RunConfig
 from cai.errors import CaiError
+from cai.invariants.data import EvalOverlapIndex
 from cai.invariants.markers import find_chat_markers
 from cai.pipeline import formats
 from cai.pipeline.generation import derive_seed
 
 SEEDS_PATH = Path(__file__).resolve().parent.parent / "data" / "seeds" / "instructions.jsonl"
 ITEMS_PER_SAMPLE = 3  # numbered items asked of one continuation (generation stops at the next number)
-FILTERS = ("empty", "truncated", "too_short", "too_long", "invalid", "near_duplicate")
+FILTERS = ("empty", "truncated", "too_short", "too_long", "invalid", "near_duplicate", "contaminated")
 # The prompt formats' own labels ("Instruction:", "Response:"): text holding one reads as a second example.
 FORMAT_LABELS = tuple(dict.fromkeys(part.strip() for f in formats.FORMATS.values() for part in (f.prefix, f.suffix)
                                     if part.strip()))
@@ -219,7 +223,8 @@ def holds_marker(text: str) -> bool:
     return any(label in text for label in FORMAT_LABELS) or bool(find_chat_markers(text))
 
 
-def filter_reason(item: str, complete: bool, cfg: RunConfig, index: NearDupIndex) -> str | None:
+def filter_reason(item: str, complete: bool, cfg: RunConfig, index: NearDupIndex,
+                  eval_overlap: EvalOverlapIndex | None = None) -> str | None:
     """The first filter an item fails (a name in FILTERS), or None if it is kept."""
     if not item:
         return "empty"
@@ -231,14 +236,12 @@ def filter_reason(item: str, complete: bool, cfg: RunConfig, index: NearDupIndex
     if n_words > cfg.instructions.max_words:
         return "too_long"
     letters = sum(ch.isalpha() for ch in item)
-    if holds_marker(item) or letters < 0.5 * len(item.replace(" ", "")):
-        return "invalid"
-    try:
-        formats.render(cfg.format, item)
-    except formats.FormatError:
+    if letters < 0.5 * len(item.replace(" ", "")) or filter_reason_format(cfg, item):
         return "invalid"
     if index.match(item) is not None:
         return "near_duplicate"
+    if eval_overlap is not None and eval_overlap.match(item) is not None:
+        return "contaminated"
     return None
 
 
@@ -313,6 +316,68 @@ def generate_unit(cfg: RunConfig, gen, seeds: Sequence[dict], unit: Unit) -> lis
             for j, out in zip(unit.prompts, outs)]
 
 
+# The IFEval families cai's instruction types map to, in TYPES order: the constraints
+# `instructions.constraints` may add.
+CONSTRAINT_FAMILIES: dict[str, str] = {iid: name for name, iid in TYPES.items() if iid}
+
+
+def add_constraints(cfg: RunConfig, records: Sequence[dict]) -> tuple[list[dict], dict[str, Any]]:
+    """Give a share (`instructions.constraints`) of the kept open instructions one verifiable
+    constraint, as the IFEval-style data recipes do (Tulu 3's constraint-augmented prompts):
+    the model-written task, then lm-eval's own description of a constraint of one family
+    (`evaluate.describe_constraint`), its arguments drawn with a seed of (run seed, record
+    id). The record carries `instruction_id_list` and `kwargs`, so the responses stage gates
+    the chosen answer by that checker, and `task`, the text the critic judged. Instructions
+    that already state a constraint (type not "open") are left alone, as is one whose
+    constrained text would overlap an evaluation item under every family tried."""
+    from cai.pipeline.evaluate import describe_constraint
+
+    share = cfg.instructions.constraints
+    stats: dict[str, Any] = {"share": share, "added": 0, "families": Counter(), "left_contaminated": 0}
+    if share <= 0:
+        return list(records), {"share": share, "added": 0}
+    overlap = decontamination_index(cfg)
+    out = []
+    for rec in records:
+        rng = random.Random(derive_seed(cfg.seed, "constraint", rec["id"]))
+        if rec.get("type") != "open" or rng.random() >= share:
+            out.append(rec)
+            continue
+        for iid in rng.sample(list(CONSTRAINT_FAMILIES), len(CONSTRAINT_FAMILIES)):
+            description, kwargs = describe_constraint(iid, rng.randrange(2 ** 31))
+            text = f"{rec['instruction']} {description}"
+            if overlap.match(text) is None and filter_reason_format(cfg, text) is None:
+                out.append(dict(rec, instruction=text, task=rec["instruction"], type=CONSTRAINT_FAMILIES[iid],
+                                instruction_id_list=[iid], kwargs=[kwargs]))
+                stats["added"] += 1
+                stats["families"][iid] += 1
+                break
+        else:
+            out.append(rec)
+            stats["left_contaminated"] += 1
+    stats["families"] = dict(sorted(stats["families"].items()))
+    return out, stats
+
+
+def filter_reason_format(cfg: RunConfig, text: str) -> str | None:
+    """"invalid" when `text` holds a marker or does not render in the training format."""
+    if holds_marker(text):
+        return "invalid"
+    try:
+        formats.render(cfg.format, text)
+    except formats.FormatError:
+        return "invalid"
+    return None
+
+
+def decontamination_index(cfg: RunConfig) -> EvalOverlapIndex:
+    """The n-gram index of every item of the run's evaluation sets (`eval.sets`, whole, not
+    `eval.limit`'s slice): one candidate overlapping any of them is dropped."""
+    from cai.pipeline.compare import load_eval_set
+
+    return EvalOverlapIndex({name: load_eval_set(name) for name in cfg.eval.sets})
+
+
 class CandidateFilter:
     """Parses and filters raw continuations fed in run order until the target is kept.
 
@@ -326,6 +391,7 @@ class CandidateFilter:
         self.index = NearDupIndex(cfg.instructions.dedup_threshold)
         for text in [s["instruction"] for s in seeds] + [r["instruction"] for r in done]:
             self.index.add(text)
+        self.eval_overlap = decontamination_index(cfg)
         self.done_ids = {r["id"] for r in done}
         self.kept = len(done)
         self.counts = Counter({"prompts": 0, "parsed": 0, **{f: 0 for f in FILTERS}, "kept": 0})
@@ -348,7 +414,7 @@ class CandidateFilter:
                 if rid in self.done_ids:  # written before the interruption; already in the index
                     self.counts["kept"] += 1
                     continue
-                reason = filter_reason(item, complete, self.cfg, self.index)
+                reason = filter_reason(item, complete, self.cfg, self.index, self.eval_overlap)
                 if reason is not None:
                     self.counts[reason] += 1
                     continue

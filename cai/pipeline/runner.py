@@ -311,8 +311,12 @@ def write_instructions(run: Run, writer: ArtifactWriter, kept: list[dict], stats
         raise CaiError(f"critic kept {stats['n_kept']} of {stats['n_candidates']} candidates, {run.cfg.instructions.n} "
                        f"asked (confident: {stats.get('n_confident', '-')}, threshold {run.cfg.critic.threshold}); "
                        "raise instructions.overgenerate or lower critic.threshold")
+    from cai.pipeline.instructions import add_constraints
+
+    kept, constraint_stats = add_constraints(run.cfg, kept)
     write_missing(writer, kept)
-    return {"critic": stats, "critic_margins": [r["critic"]["margin"] for r in kept if r.get("critic")]}
+    return {"critic": stats, "critic_margins": [r["critic"]["margin"] for r in kept if r.get("critic")],
+            "constraints": constraint_stats}
 
 
 def stage_responses(run: Run, slot, gen) -> None:
