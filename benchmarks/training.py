@@ -3,7 +3,7 @@
     python -m benchmarks.training [--steps 10] [--threads 1] [--quantization none|4bit|8bit]
 
 Trains SFT for --steps steps on 64 short records (batch 4, max_length 64, LoRA r=16 on
-q/k/v/o), then DPO from that adapter on 32 pairs twice: with the reference log-probs
+q/k/v/o), with cai's CPU default (no gradient checkpointing) and again with it on, then DPO from that adapter on 32 pairs twice: with the reference log-probs
 precomputed (one forward pass over the pairs before training, cai's default) and computed
 per step. Timings include the trainer's own per-step overhead (logging) but not model
 loading or dataset preparation; the precompute is its own figure. The value is the DPO
@@ -66,6 +66,8 @@ def main(argv=None) -> dict:
                         sft={**small, "learning_rate": 1e-3}, dpo={**small, "learning_rate": 5e-4})
         with ModelSlot(cfg.model) as slot:
             runs = {"sft": train_sft(cfg, slot, sft_records, Path(tmp) / "sft")}
+            checkpointed = cfg.model_copy(update={"sft": cfg.sft.model_copy(update={"gradient_checkpointing": True})})
+            runs["sft_gradient_checkpointing"] = train_sft(checkpointed, slot, sft_records, Path(tmp) / "sft_gc")
             for precompute in (True, False):
                 dpo_cfg = cfg.model_copy(update={"dpo": cfg.dpo.model_copy(update={"precompute_ref_log_probs": precompute})})
                 name = "dpo_precomputed_ref" if precompute else "dpo_live_ref"
@@ -77,6 +79,8 @@ def main(argv=None) -> dict:
                          "wall_seconds": t["wall_seconds"], "peak_rss_mb_sampled": r["memory"]["peak_rss_mb_sampled"],
                          "first_loss": curve["first_loss"], "last_loss": curve["last_loss"]}
     sft_step = out["sft"]["seconds_per_step"]
+    out["sft"]["gradient_checkpointing"] = runs["sft"]["trainer_config"]["gradient_checkpointing"]
+    out["sft_gradient_checkpointing"]["x_sft_step"] = round(out["sft_gradient_checkpointing"]["seconds_per_step"] / sft_step, 2)
     for name in ("dpo_precomputed_ref", "dpo_live_ref"):
         out[name]["x_sft_step"] = round(out[name]["seconds_per_step"] / sft_step, 2)
     # the precompute is paid once, before training: the rest of the DPO wall time

@@ -93,6 +93,9 @@ class TrainConfig(_Section):
     max_length: int = Field(256, gt=0)
     save_steps: int = Field(10, gt=0, description="checkpoint interval (resume points)")
     merge: bool = Field(False, description="also write merged weights")
+    gradient_checkpointing: bool | None = Field(None, description="recompute activations in the backward pass: less "
+                                                "memory, more compute (benchmarks/training.py); None: on for CUDA and "
+                                                "quantized models, where memory decides, off on the CPU")
 
 
 class DPOConfig(TrainConfig):

@@ -24,8 +24,8 @@ from cai.pipeline.generation import HFGenerator  # noqa: E402
 from cai.pipeline.models import ModelSlot  # noqa: E402
 from cai.pipeline.pairs import (RULES, _pair, build_pairs, ignore_constraint, over_verbose, pair_key,  # noqa: E402
                                 run_pairs, truncate_midway)
-from cai.pipeline.responses import (fewshot_for, fewshot_prompt, load_fewshot_examples, run_responses,  # noqa: E402
-                                    select, shortfall_error, verifiable_constraint, verifier_passes)
+from cai.pipeline.responses import (contender_indices, fewshot_for, fewshot_prompt, load_fewshot_examples,  # noqa: E402
+                                    run_responses, select, shortfall_error, verifiable_constraint, verifier_passes)
 from cai.pipeline.store import ArtifactWriter  # noqa: E402
 
 INSTRUCTIONS = [
@@ -295,15 +295,24 @@ def test_verifier_passes_is_the_canonical_strict_verdict():
     assert score_item(c, "Tea is warm, calm and green.")["prompt_level_strict"] is False
 
 
-def test_a_failing_candidate_is_never_chosen_while_one_passes():
-    """The critic prefers candidate 0 (it beats both others); restricted to the candidates
-    that pass their checker, the best of those is chosen, and scores stay over all."""
+def test_a_failing_candidate_is_never_a_contender_while_one_passes():
+    """The critic would prefer candidate 0 (it beats both others), but it fails its checker:
+    the contenders are the passing candidates, judged among themselves, so 0 can neither be
+    chosen nor cost a judgement. With none passing, every usable candidate contends."""
     j = lambda m: Judgement(margin=m, margin_ab=m, margin_ba=m, disagree=False, mass=1.0, passes=2)  # noqa: E731
     table = {(0, 1): j(2.0), (0, 2): j(1.5), (1, 2): j(-0.3)}
-    chosen, scores = select(table, 3)
-    assert chosen == 0
-    gated, gated_scores = select(table, 3, allowed=[1, 2])
-    assert gated == 2 and gated_scores == scores
+    assert select(table, 3)[0] == 0
+    constraint = {"instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}
+    cands = [{"usable": True, "verifier_pass": False}, {"usable": True, "verifier_pass": True},
+             {"usable": True, "verifier_pass": True}, {"usable": False}]
+    contenders = contender_indices(cands, constraint)
+    assert contenders == [1, 2]
+    sub = {(0, 1): table[(1, 2)]}  # the round robin over the contenders only
+    local, scores = select(sub, len(contenders))
+    assert contenders[local] == 2 and scores == [-0.3, 0.3]
+    for c in cands[:3]:
+        c["verifier_pass"] = False
+    assert contender_indices(cands, constraint) == [0, 1, 2] == contender_indices(cands, None)
 
 
 def _gated(rid, instruction, kind, chosen, passes, others):
@@ -388,6 +397,8 @@ def test_responses_gate_the_chosen_by_its_checker(gen, tmp_path):
         passing = [c for c in r["candidates"] if c["usable"] and c["verifier_pass"]]
         assert gate["passing_candidates"] == len(passing)
         assert gate["chosen_passes"] == bool(passing) == r["candidates"][r["chosen_index"]]["verifier_pass"]
+        if passing:  # a failing candidate is a verifier pair, never judged
+            assert not any("score" in c or "margin_vs_chosen" in c for c in r["candidates"] if c not in passing)
     assert stats["verifier"]["chosen_passes"] + stats["verifier"]["none_passes"] == 2
     assert stats["verifier"]["none_passes"] == sum(not r["verifier"]["chosen_passes"] for r in recs)
     pairs, pstats = build_pairs(cfg, recs)

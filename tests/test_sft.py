@@ -156,6 +156,7 @@ def test_outputs_and_manifest_fields(trained):
     assert (tc["quantization"], tc["dtype"], tc["precision"], tc["seed"]) == ("none", "float32", "fp32", 0)
     assert (tc["learning_rate"], tc["batch_size"], tc["grad_accum"], tc["max_length"], tc["max_steps"]) == (1e-3, 4, 1, 64, 8)
     assert tc["eos_token"] == "<|im_end|>" and tc["completion_only_loss"] is True
+    assert tc["gradient_checkpointing"] is False  # the CPU default: memory is not what a CPU run lacks
     assert all(r["versions"][k] for k in ("trl", "peft", "transformers", "torch"))
     assert r["timings"]["seconds_per_step"] > 0 and r["timings"]["wall_seconds"] >= r["timings"]["train_seconds"]
     assert r["memory"]["peak_rss_mb_sampled"] > 0
@@ -264,5 +265,6 @@ def test_qlora_trains_real_steps_on_the_cpu(slots, tmp_path, quantization):
     assert result["steps"] == 2 and len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert result["trainer_config"]["quantization"] == quantization
     assert result["trainer_config"]["quantization_config"]["library"] == "bitsandbytes"
+    assert result["trainer_config"]["gradient_checkpointing"] is True  # quantized: the memory path, as on CUDA
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert type(slot.model.model.layers[0].self_attn.q_proj).__name__ == linear  # LoRA stripped, base kept

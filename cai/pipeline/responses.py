@@ -10,13 +10,17 @@ new instruction). Generation stops at the next example boundary
 so outputs do not depend on batching and a resumed run equals an uninterrupted one. An
 instruction whose N samples are all unusable gets N more, up to `responses.max_rounds`.
 
-Selection (round robin): every pair of usable candidates is judged once by the A/B
-response critic (with swap when `critic.swap`); a candidate's score is its mean combined
-margin against the others, and the best score is chosen. Every candidate's direct margin
+Selection (round robin among the contenders): every pair of contenders is judged once by
+the A/B response critic (with swap when `critic.swap`); a contender's score is its mean
+combined margin against the other contenders, and the best score is chosen. The contenders
+are the usable candidates that may be chosen: where the instruction is gated (below) and
+some pass, only those; otherwise every usable one. Each other contender's direct margin
 against the chosen one is stored (`margin_vs_chosen`), so `pairs.py` builds preference
-pairs from records alone. Cost: N(N-1)/2 judgements (x2 forward passes with swap) per
-instruction. Usable = non-empty, no chat marker, and ended by itself (a candidate cut by
-`max_new_tokens` would teach the model to stop mid-sentence once EOS is appended).
+pairs from records alone; a candidate that fails its checker is a verifier pair whatever
+the critic thinks, so it is not judged. Cost: C(C-1)/2 judgements (x2 forward passes with
+swap) for C contenders. Usable = non-empty, no chat marker, and ended by itself (a
+candidate cut by `max_new_tokens` would teach the model to stop mid-sentence once EOS is
+appended).
 
 Verifier gating (DESIGN.md, methodology notes): where an instruction's constraint is known
 exactly (`verifiable_constraint`), every usable candidate gets lm-eval's strict IFEval verdict
@@ -174,13 +178,20 @@ def _oriented(table: dict[tuple[int, int], critic.Judgement], a: int, b: int) ->
     return -j.margin, j.disagree
 
 
-def select(table: dict[tuple[int, int], critic.Judgement], k: int,
-           allowed: Sequence[int] | None = None) -> tuple[int, list[float]]:
-    """Chosen index among k judged candidates (restricted to `allowed`, e.g. those passing the
-    verifier) and each one's score: its mean combined margin against all the others (ties:
-    the earlier candidate)."""
+def contender_indices(cands: Sequence[dict], constraint: dict | None) -> list[int]:
+    """The candidates the critic chooses among: those passing the instruction's checker where
+    it is gated and one passes, else every usable one (a gated instruction none of whose
+    candidates passes keeps the critic's choice, marked `chosen_passes: false`)."""
+    usable = [i for i, c in enumerate(cands) if c["usable"]]
+    passing = [i for i in usable if _acceptable(cands[i], constraint)]
+    return passing or usable
+
+
+def select(table: dict[tuple[int, int], critic.Judgement], k: int) -> tuple[int, list[float]]:
+    """Chosen index among k judged contenders and each one's score: its mean combined margin
+    against all the others (ties: the earlier candidate)."""
     scores = [sum(_oriented(table, i, o)[0] for o in range(k) if o != i) / max(k - 1, 1) for i in range(k)]
-    chosen = max(range(k) if allowed is None else allowed, key=lambda i: (scores[i], -i))
+    chosen = max(range(k), key=lambda i: (scores[i], -i))
     return chosen, scores
 
 
@@ -274,19 +285,19 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
         for cands in per_rec:  # the unanswered are counted below, as dropped
             if (first := min((c["round"] for c in cands if c["usable"]), default=None)) is not None:
                 stats[f"answered_in_round_{first}"] += 1
-        usable_idx = [[i for i, c in enumerate(cands) if c["usable"]] for cands in per_rec]
+        contenders = [contender_indices(cands, constraint) for cands, constraint in zip(per_rec, constraints)]
         tables = (round_robin(gen, cfg, [(rec["instruction"], [cands[i]["text"] for i in idx])
-                                         for rec, cands, idx in zip(chunk, per_rec, usable_idx)])
+                                         for rec, cands, idx in zip(chunk, per_rec, contenders)])
                   if cfg.critic.enabled else [{} for _ in chunk])
         records = []
-        for rec, cands, idx, table, sha, constraint in zip(chunk, per_rec, usable_idx, tables, shas, constraints):
+        for rec, cands, idx, table, sha, constraint in zip(chunk, per_rec, contenders, tables, shas, constraints):
             stats["instructions"] += 1
             if not idx:
                 stats["dropped_no_usable_candidate"] += 1
                 continue
-            passing = [li for li, i in enumerate(idx) if _acceptable(cands[i], constraint)]
+            passing = [i for i in idx if _acceptable(cands[i], constraint)]
             if cfg.critic.enabled and len(idx) > 1:
-                local_chosen, local_scores = select(table, len(idx), passing or None)
+                local_chosen, local_scores = select(table, len(idx))
                 chosen = idx[local_chosen]
                 for li, i in enumerate(idx):
                     cands[i]["score"] = round(local_scores[li], 4)
@@ -299,8 +310,9 @@ def run_responses(cfg: RunConfig, gen, instructions: Sequence[dict], writer, sha
                 selection = "critic_round_robin"
                 margin = local_scores[local_chosen]
             else:
-                chosen = idx[passing[0] if passing else 0]
-                selection = "first_usable (critic off)" if not cfg.critic.enabled else "only_usable_candidate"
+                chosen = idx[0]
+                selection = ("first_usable (critic off)" if not cfg.critic.enabled else
+                             "only_passing_candidate" if constraint is not None and passing else "only_usable_candidate")
                 margin = None
             gate = None
             if constraint is not None:

@@ -50,8 +50,6 @@ LOSS_CURVE_JSON = "loss_curve.json"
 LOSS_CURVE_PNG = "loss_curve.png"
 SUMMARY_JSON = "training.json"
 GATE_JSON = "cai_gate.json"
-# Trades ~20% compute for activation memory; needed for 32B on one GPU, harmless on the CPU.
-GRADIENT_CHECKPOINTING = True
 SAVE_TOTAL_LIMIT = 2
 
 RECORD_FIELDS = {
@@ -128,6 +126,15 @@ def lora_config(section: TrainConfig):
                       target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
 
 
+def gradient_checkpointing(cfg: RunConfig, section: TrainConfig) -> bool:
+    """`<stage>.gradient_checkpointing`, resolved: it trades compute for activation memory,
+    which a 32B model on one GPU needs and a CPU run does not (there it only adds the
+    recomputed forward pass to every step)."""
+    if section.gradient_checkpointing is not None:
+        return section.gradient_checkpointing
+    return cfg.model.device != "cpu" or cfg.model.quantization != "none"
+
+
 def trainer_args(cfg: RunConfig, section: TrainConfig, out_dir: Path) -> dict[str, Any]:
     """Keyword arguments shared by SFTConfig and DPOConfig. Everything a run's result
     depends on comes from `cfg`; precision follows `model.dtype` explicitly (TRL would
@@ -150,7 +157,7 @@ def trainer_args(cfg: RunConfig, section: TrainConfig, out_dir: Path) -> dict[st
         bf16=dtype == "bfloat16",
         fp16=dtype == "float16",
         use_cpu=cfg.model.device == "cpu",
-        gradient_checkpointing=GRADIENT_CHECKPOINTING,
+        gradient_checkpointing=gradient_checkpointing(cfg, section),
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -295,7 +302,7 @@ def agree(accelerator, local: Sequence[Result]) -> list[Result]:
 
 
 @contextlib.contextmanager
-def borrowed_base(slot, model_cfg):
+def borrowed_base(slot, model_cfg, *, checkpointing: bool):
     """Lend the slot's resident base model to a trainer and give it back as it was.
 
     Trainers change the model they are handed: peft injects LoRA layers, TRL patches
@@ -328,7 +335,7 @@ def borrowed_base(slot, model_cfg):
         if model_cfg.quantization != "none":
             from peft import prepare_model_for_kbit_training
 
-            prepare_model_for_kbit_training(model, use_gradient_checkpointing=GRADIENT_CHECKPOINTING)
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
         yield model
     finally:
         _give_back(model, state)
