@@ -91,7 +91,7 @@ def test_base_as_reference_fails_the_identity_check(slots, sft_adapter, tmp_path
     `ref_model=None` gives, and what TRL falls back to without a "ref" adapter)."""
     cfg = run_config(dpo={"precompute_ref_log_probs": False})
     slot = slots.get()
-    with training.borrowed_base(slot, cfg.model) as base:
+    with training.borrowed_base(slot, cfg, cfg.dpo) as base:
         policy = dpo.load_sft_policy(base, sft_adapter, cfg)
         trainer = dpo.build_dpo_trainer(cfg, policy, slot.tokenizer, preference_records(8), tmp_path)
         batch = training.first_batch(trainer)

@@ -136,7 +136,7 @@ def train_dpo(cfg: RunConfig, slot, pairs: list[dict], sft_adapter_dir: Path, ou
         subject = training.first_batch_subject("dpo", batch, examples, tok, eos, cfg.dpo.max_length)
         return [FirstBatchSentinel().check(subject), ReferenceIdentity().check(reference_logps(trainer, batch))]
 
-    with training.borrowed_base(slot, cfg.model, checkpointing=training.gradient_checkpointing(cfg, cfg.dpo)) as base:
+    with training.borrowed_base(slot, cfg, cfg.dpo) as base:
         trainer = build_dpo_trainer(cfg, load_sft_policy(base, sft_adapter_dir, cfg), tok, pairs, out_dir)
         try:
             reference = describe_reference(trainer)

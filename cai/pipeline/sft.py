@@ -53,7 +53,7 @@ def train_sft(cfg: RunConfig, slot, records: list[dict], out_dir: Path, *, resum
         subject = training.first_batch_subject("sft", batch, examples, tok, eos, cfg.sft.max_length)
         return [FirstBatchSentinel().check(subject)]
 
-    with training.borrowed_base(slot, cfg.model, checkpointing=training.gradient_checkpointing(cfg, cfg.sft)) as base:
+    with training.borrowed_base(slot, cfg, cfg.sft) as base:
         trainer = build_sft_trainer(cfg, base, tok, records, out_dir)
         try:
             run = training.run_trainer(trainer, stage="sft", out_dir=out_dir, resume=resume, checks=checks,

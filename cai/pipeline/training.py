@@ -302,7 +302,7 @@ def agree(accelerator, local: Sequence[Result]) -> list[Result]:
 
 
 @contextlib.contextmanager
-def borrowed_base(slot, model_cfg, *, checkpointing: bool):
+def borrowed_base(slot, cfg: RunConfig, section: TrainConfig):
     """Lend the slot's resident base model to a trainer and give it back as it was.
 
     Trainers change the model they are handed: peft injects LoRA layers, TRL patches
@@ -332,10 +332,10 @@ def borrowed_base(slot, model_cfg, *, checkpointing: bool):
         if getattr(model, "generation_config", None) is not None else {},
     }
     try:
-        if model_cfg.quantization != "none":
+        if cfg.model.quantization != "none":
             from peft import prepare_model_for_kbit_training
 
-            prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing(cfg, section))
         yield model
     finally:
         _give_back(model, state)
