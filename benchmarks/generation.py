@@ -16,6 +16,10 @@ fastest of `--repeats` runs after a warm-up:
 
 Greedy outputs of every batched run must equal the loop's on the prompts the loop ran.
 
+Steady decode: seconds per decode step with R rows alive throughout (R = 1 ... 256, the
+prompts repeated, after the prefill), the cost of a batch kept full. cai's batches shrink as
+rows end, so this says what refilling them would reach, and at what batch.
+
     python -m benchmarks.generation [--repeats 2] [--prompts 64]
 """
 
@@ -28,6 +32,8 @@ from benchmarks.common import offline, stopwatch, write_result
 MAX_NEW_TOKENS = 96
 LOOP_PROMPTS = 12  # the one-prompt loop is slow: it runs on a spread of 12 prompts only
 TARGET_FRACTION = 0.5
+STEADY_ROWS = (1, 16, 64, 128, 256)
+STEADY_STEPS = 16
 BAR_FRACTION = 0.25
 
 
@@ -59,6 +65,29 @@ def flops_per_token(model, mean_context: float) -> float:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attention = 4 * cfg.num_hidden_layers * mean_context * cfg.num_attention_heads * head_dim
     return 2 * matmul_params + attention
+
+
+def steady_step_seconds(gen, prompts: list[str], rows: int, steps: int = STEADY_STEPS) -> float:
+    """Seconds per greedy decode step of `gen`'s model with `rows` rows alive for all `steps`
+    steps (no row ends), after the prefill, through the same forward call as `HFGenerator`."""
+    import time
+
+    import torch
+
+    input_ids, mask = gen._tensors([prompts[i % len(prompts)] for i in range(rows)])
+    positions = gen._position_ids(mask)
+    with torch.inference_mode():
+        out = gen.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        logits_to_keep=1)
+        cache, position = getattr(out, gen._cache_arg), positions[:, -1:] + 1
+        started = time.perf_counter()
+        for _ in range(steps):
+            token = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
+            mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=-1)
+            out = gen.model(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True,
+                            logits_to_keep=1, **{gen._cache_arg: cache})
+            position = position + 1
+        return (time.perf_counter() - started) / steps
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         t, hf_tokens = timed(hf_generate)
         engines[f"transformers generate ({default_batch} rows)"] = {"batch": default_batch, "prompts": len(prompts),
                                                                     "seconds": t["seconds"], "tokens": hf_tokens}
+        steady = {rows: steady_step_seconds(gen, prompts, rows) for rows in STEADY_ROWS}
         mean_prompt = sum(len(ids) for ids in encode_batch(slot.tokenizer, prompts)["input_ids"]) / len(prompts)
         mean_new = engines["cai batch 64"]["tokens"] / len(prompts)
         per_token = flops_per_token(slot.model, mean_prompt + mean_new / 2)
@@ -138,6 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
         rate = e["tokens"] / e["seconds"]
         rows[name] = {**e, "seconds": round(e["seconds"], 2), "tokens_per_s": round(rate, 1),
                       "fraction_of_limit": round(rate / limit, 3), "x_loop": round(rate / loop_rate, 2)}
+    steady_rows = {f"{r} rows": {"seconds_per_step": round(t, 4), "tokens_per_s": round(r / t, 1),
+                                 "fraction_of_limit": round(r / t / limit, 3)} for r, t in steady.items()}
     default_name = next(n for n in rows if n.startswith("cai default"))
     identical = {name: [out[i] for i in loop_index] == outputs["cai batch 1 (loop)"] if len(out) == len(prompts)
                  else out == outputs["cai batch 1 (loop)"] for name, out in outputs.items()}
@@ -150,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
             "compute_limit_tokens_per_s": round(limit, 1), "max_new_tokens": MAX_NEW_TOKENS, "greedy": True,
             "mean_prompt_tokens": round(mean_prompt, 1), "mean_new_tokens": round(mean_new, 1),
             "identical_to_loop": identical, "torch_threads": torch.get_num_threads(),
+            "steady_decode": {"steps": STEADY_STEPS, "rows": steady_rows},
         },
         notes=f"target {TARGET_FRACTION} of the limit, bar {BAR_FRACTION}; passed requires the bar and greedy "
               "outputs identical to the one-prompt loop")
