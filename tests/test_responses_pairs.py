@@ -375,11 +375,15 @@ GATED = [
      "source": "templates"},
     {"id": "tpl-b", "instruction": "Write a slogan about coffee in all capital letters.", "type": "uppercase",
      "source": "templates"},
+    # IFEval ids and kwargs on the record; with seed 1 one usable sample fails (15 words) and one passes
+    {"id": "w15", "instruction": "Describe the sea. Answer with less than 15 words.", "type": "words", "source": "model",
+     "instruction_id_list": ["length_constraints:number_words"], "kwargs": [{"relation": "less than", "num_words": 15}]},
 ]
 
 
 def test_responses_gate_the_chosen_by_its_checker(gen, tmp_path):
-    """Template instructions with a checkable constraint, on the real model (one round): every
+    """Instructions with a checkable constraint (template types, IFEval kwargs on the record), on
+    the real model (one round): every
     usable candidate carries the canonical scorer's strict verdict, the chosen passes
     whenever any candidate does, an instruction with none is marked (and counted), and the
     pairs built from the records pass every preference invariant."""
@@ -387,19 +391,23 @@ def test_responses_gate_the_chosen_by_its_checker(gen, tmp_path):
     w = ArtifactWriter(tmp_path / "r", "responses", config_hash=cfg.hash())
     stats = run_responses(cfg, gen, GATED, w)
     recs = list(w.done)
-    assert stats["verifier"]["gated"] == len(recs) == 2
+    assert stats["verifier"]["gated"] == len(recs) == 3
+    mixed = 0
     for r in recs:
         gate, c = r["verifier"], verifiable_constraint(r)
-        assert gate["instruction_id_list"] == c["instruction_id_list"] and gate["source"] == "template type"
+        assert gate["instruction_id_list"] == c["instruction_id_list"] and gate["source"] == ("record" if "kwargs" in r else "template type")
         for cand in r["candidates"]:
             if cand["usable"]:
                 assert cand["verifier_pass"] == score_item(c, cand["text"])["prompt_level_strict"]
         passing = [c for c in r["candidates"] if c["usable"] and c["verifier_pass"]]
         assert gate["passing_candidates"] == len(passing)
         assert gate["chosen_passes"] == bool(passing) == r["candidates"][r["chosen_index"]]["verifier_pass"]
+        failing = [c for c in r["candidates"] if c["usable"] and not c["verifier_pass"]]
         if passing:  # a failing candidate is a verifier pair, never judged
-            assert not any("score" in c or "margin_vs_chosen" in c for c in r["candidates"] if c not in passing)
-    assert stats["verifier"]["chosen_passes"] + stats["verifier"]["none_passes"] == 2
+            assert not any("score" in c or "margin_vs_chosen" in c for c in failing)
+            mixed += bool(failing)
+    assert mixed, "no record had passing and failing candidates: the contender check above never ran"
+    assert stats["verifier"]["chosen_passes"] + stats["verifier"]["none_passes"] == 3
     assert stats["verifier"]["none_passes"] == sum(not r["verifier"]["chosen_passes"] for r in recs)
     pairs, pstats = build_pairs(cfg, recs)
     assert pstats["skipped"].get("chosen_fails_verifier", 0) == stats["verifier"]["none_passes"]
