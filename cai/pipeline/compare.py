@@ -94,8 +94,9 @@ def generation_settings(cfg: RunConfig, suite: str) -> dict[str, Any]:
 
 
 def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: list[str], writer: ArtifactWriter) -> dict:
-    """Generate every (suite, model, item) response not yet in `writer.done`, appending one
-    batch at a time (a crash redoes at most one batch). Returns per-suite prompt hashes per model."""
+    """Generate every (suite, model, item) response not yet in `writer.done`, one `generate` call
+    per (suite, model) whose rows are refilled as they end, appending each response the moment it
+    ends (a crash loses only the rows in flight). Returns per-suite prompt hashes per model."""
     from cai.pipeline.generation import HFGenerator
 
     from tqdm.auto import tqdm
@@ -113,20 +114,20 @@ def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: lis
             if model_name not in models:
                 continue
             todo = [i for i, it in enumerate(items) if record_id(suite, model_name, it) not in done]
-            for start in range(0, len(todo), cfg.eval.batch_size):
-                chunk = todo[start:start + cfg.eval.batch_size]
-                with slot.use(model_name):
-                    outs = gen.generate([rendered[i][1] for i in chunk], max_new_tokens=settings["max_new_tokens"],
-                                        temperature=0.0, stop=settings["stop"])
-                for i, out in zip(chunk, outs):
-                    it = items[i]
-                    writer.append({
-                        "id": record_id(suite, model_name, it), "suite": suite, "model": model_name,
-                        "key": it["key"], "eval_set": it["eval_set"], "instruction": it["instruction"],
-                        "format": rendered[i][0], "prompt": rendered[i][1], "response": out.text.strip(),
-                        "stop_reason": out.stop_reason, "n_new_tokens": out.n_new_tokens,
-                    })
-                bar.update(len(chunk))
+
+            def write(k: int, out, suite=suite, model_name=model_name, todo=todo, rendered=rendered) -> None:
+                it = items[todo[k]]
+                writer.append({
+                    "id": record_id(suite, model_name, it), "suite": suite, "model": model_name,
+                    "key": it["key"], "eval_set": it["eval_set"], "instruction": it["instruction"],
+                    "format": rendered[todo[k]][0], "prompt": rendered[todo[k]][1], "response": out.text.strip(),
+                    "stop_reason": out.stop_reason, "n_new_tokens": out.n_new_tokens,
+                })
+                bar.update(1)
+
+            with slot.use(model_name):
+                gen.generate([rendered[i][1] for i in todo], max_new_tokens=settings["max_new_tokens"],
+                             temperature=0.0, stop=settings["stop"], on_result=write)
     bar.close()
     for suite in cfg.eval.suites:  # from the prompts each model was actually given, as written
         for model_name in (m for m in SUITE_MODELS[suite] if m in models):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Callable, Literal, Protocol, Sequence
 
 from cai.config import GenerationConfig
 from cai.pipeline.models import encode, encode_batch
@@ -58,8 +58,9 @@ class Generator(Protocol):
     tokenizer: object
 
     def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
-                 stop: Sequence[str] = (), seed: int | Sequence[int] = 0,
-                 progress: str | None = None) -> list[Generation]: ...
+                 stop: Sequence[str] = (), seed: int | Sequence[int] = 0, progress: str | None = None,
+                 batch_size: int | None = None,
+                 on_result: Callable[[int, Generation], None] | None = None) -> list[Generation]: ...
 
     def next_token_logprobs(self, prompts: list[str], token_ids: Sequence[int]) -> list[list[float]]: ...
 
@@ -109,6 +110,92 @@ def token_budget_batches(order: list[int], lengths: list[int], *, max_rows: int,
     return batches
 
 
+def refill(queue: list[int], alive_lengths: list[int], lengths: list[int], *, max_rows: int, max_tokens: int,
+           max_new_tokens: int, min_free: int) -> list[int]:
+    """Pop from the end of `queue` the prompts to prefill into a decode batch whose rows have
+    prompt lengths `alive_lengths`. Nothing while fewer than `min_free` rows are free (unless
+    the rest of the queue fits: one prefill per few freed rows, not per row). The batch stays
+    within `max_rows` rows and `max_tokens` padded tokens at the end of decoding (rows x
+    (longest prompt + max_new_tokens), the bound `token_budget_batches` keeps), and an empty
+    batch always takes one prompt."""
+    free = max_rows - len(alive_lengths)
+    if not queue or (alive_lengths and free < min(min_free, len(queue))):
+        return []
+    admitted: list[int] = []
+    longest = max(alive_lengths, default=0)
+    while queue and len(alive_lengths) + len(admitted) < max_rows:
+        width = max(longest, lengths[queue[-1]]) + max_new_tokens
+        if (alive_lengths or admitted) and (len(alive_lengths) + len(admitted) + 1) * width > max_tokens:
+            break
+        longest = max(longest, lengths[queue[-1]])
+        admitted.append(queue.pop())
+    return admitted
+
+
+# What one extra forward pass costs beyond its tokens (reading every weight once), in prompt
+# tokens of prefill compute: about 60 ms on the 2-core CPU, where a prompt token costs 1-1.5 ms.
+PREFILL_CALL_TOKENS = 64
+
+
+def similar_lengths(admitted: list[int], lengths: list[int], *, call_tokens: int = PREFILL_CALL_TOKENS) -> list[list[int]]:
+    """Split `admitted` (longest prompt first) into consecutive runs, one prefill each, at the
+    least total cost: the padded tokens of every run (rows x its longest prompt) plus
+    `call_tokens` per run. One prefill pads every prompt to the longest admitted; one per
+    prompt pays the fixed cost of a forward pass each time (the runs' caches are merged after)."""
+    n = len(admitted)
+    best = [0] + [float("inf")] * n  # best[j]: the cheapest split of admitted[:j]
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[admitted[i]] + call_tokens
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups: list[list[int]] = []
+    j = n
+    while j > 0:
+        groups.append(admitted[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def _mergeable(cache) -> bool:
+    """Whether every layer of `cache` is a plain per-row key/value tensor pair (transformers'
+    `DynamicLayer`), which rows can be padded into and concatenated onto; sliding-window and
+    other layer types are not."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _merge_caches(cache, mask, fresh, fresh_mask):
+    """Append `fresh`'s rows to `cache` in place, left-padding the narrower of the two to a common
+    width; returns the merged attention mask (padding columns 0, so nothing attends to them)."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(mask.shape[1], fresh_mask.shape[1])
+
+    def pad(t, columns):
+        return F.pad(t, (0, 0, width - columns, 0))
+
+    for layer, new in zip(cache.layers, fresh.layers):
+        layer.keys = torch.cat([pad(layer.keys, mask.shape[1]), pad(new.keys, fresh_mask.shape[1])])
+        layer.values = torch.cat([pad(layer.values, mask.shape[1]), pad(new.values, fresh_mask.shape[1])])
+    return torch.cat([F.pad(mask, (width - mask.shape[1], 0)), F.pad(fresh_mask, (width - fresh_mask.shape[1], 0))])
+
+
+def _trim_padding(cache, mask):
+    """Drop the leading columns that are padding in every row (left by rows that have left the
+    batch), so attention and the cache grow with the longest live row, not the call's history."""
+    start = int(mask.any(dim=0).int().argmax())
+    if start == 0:
+        return mask
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+    return mask[:, start:]
+
+
 class _StopOnStrings:
     """Whether a row's new tokens' text contains a stop string. Only a tail window of the row
     is decoded (enough tokens to hold the longest stop string), so a check costs little next
@@ -132,14 +219,15 @@ class _GumbelSampler:
     def __init__(self, seeds: Sequence[int], temperature: float):
         self.seeds = list(seeds)
         self.temperature = temperature
-        self.generators = None
+        self.generators: dict = {}
 
     def perturb(self, rows: Sequence[int], scores):
         """`scores[j]` belongs to request `rows[j]`."""
         import torch
 
-        if self.generators is None:
-            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        for r in rows:
+            if r not in self.generators:
+                self.generators[r] = torch.Generator(device=scores.device).manual_seed(self.seeds[r])
         scores = scores.float() / self.temperature
         tiny = torch.finfo(torch.float32).tiny
         uniform = torch.stack([torch.rand(scores.shape[-1], generator=self.generators[r], device=scores.device,
@@ -204,9 +292,12 @@ class HFGenerator:
 
     def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
                  stop: Sequence[str] = (), seed: int | Sequence[int] = 0, progress: str | None = None,
-                 batch_size: int | None = None) -> list[Generation]:
+                 batch_size: int | None = None,
+                 on_result: Callable[[int, Generation], None] | None = None) -> list[Generation]:
         """Complete every prompt. `seed`: an int (request i samples with derive_seed(seed, i)) or
-        one seed per prompt. Greedy (and seed-free) when temperature == 0."""
+        one seed per prompt. Greedy (and seed-free) when temperature == 0. `on_result(i, g)` is
+        called as prompt i ends, so a caller can write results while the rest decode (a crash
+        then loses only the rows in flight)."""
         prompts = list(prompts)
         if not prompts:
             return []
@@ -224,74 +315,103 @@ class HFGenerator:
         bar = _progress_bar(progress, len(prompts))
         call_tokens = 0
         self.counters["generate_calls"] += 1
+
+        def finished(i: int, ids: list[int], reason: StopReason) -> None:
+            nonlocal call_tokens
+            results[i] = self._finish(ids, reason, stop)
+            call_tokens += results[i].n_new_tokens
+            self.counters["generated_tokens"] += results[i].n_new_tokens
+            if on_result is not None:
+                on_result(i, results[i])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{call_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f}", refresh=False)
+
         try:
-            for batch in token_budget_batches(order, lengths, max_rows=batch_size or self.batch_size,
-                                              max_tokens=self.max_batch_tokens, max_new_tokens=max_new_tokens):
-                rows = self._decode([prompts[i] for i in batch], [seeds[i] for i in batch], temperature, stop,
-                                    max_new_tokens)
-                for i, (ids, reason) in zip(batch, rows):
-                    results[i] = self._finish(ids, reason, stop)
-                n_new = sum(results[i].n_new_tokens for i in batch)
-                call_tokens += n_new
-                self.counters["generated_tokens"] += n_new
-                self.counters["forward_batches"] += 1
-                if bar is not None:
-                    bar.update(len(batch))
-                    bar.set_postfix(tok_s=f"{call_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f}")
+            self._decode(prompts, order, lengths, seeds, temperature, stop, max_new_tokens,
+                         max_rows=batch_size or self.batch_size, on_finish=finished)
         finally:
             if bar is not None:
                 bar.close()
         return results  # type: ignore[return-value]
 
-    def _decode(self, texts: list[str], seeds: list[int], temperature: float, stop: Sequence[str],
-                max_new_tokens: int) -> list[tuple[list[int], StopReason]]:
-        """Greedy or Gumbel-max decoding of one batch with a KV cache, dropping each row from the
-        batch (and from the cache) the step it ends: at EOS, at a stop string, at the token cap.
-        `model.generate` keeps computing finished rows until the longest row ends, which on a
-        batch with varied lengths costs most of the work; transformers' continuous batching
-        (`generate_batch`) measured slower on the CPU. Returns each row's new ids (EOS
-        excluded) and why it ended."""
+    def _decode(self, prompts: list[str], order: list[int], lengths: list[int], seeds: list[int], temperature: float,
+                stop: Sequence[str], max_new_tokens: int, *, max_rows: int, on_finish) -> None:
+        """Greedy or Gumbel-max decoding of every prompt through one batch that is refilled as it
+        drains: a row leaves the batch (and the KV cache) the step it ends (EOS, a stop string, the
+        token cap), and once a quarter of the rows are free the next prompts in `order` are
+        prefilled and their caches merged in, left-padded to a common width. The batch stays
+        wide, which is what a CPU or GPU needs to approach its matmul rate; a batch left to
+        drain decodes its tail at a few rows for most of its steps. `model.generate` keeps
+        finished rows until the longest ends, and transformers' continuous batching
+        (`generate_batch`) measured slower on the CPU. Calls `on_finish(i, new_ids, reason)` for
+        each prompt as it ends (EOS excluded from the ids)."""
         import torch
 
-        input_ids, attention_mask = self._tensors(texts)
-        positions = self._position_ids(attention_mask)
         sampler = _GumbelSampler(seeds, temperature) if temperature > 0 else None
         stop_check = _StopOnStrings(self.tokenizer, stop) if stop else None
-        new_ids: list[list[int]] = [[] for _ in texts]
-        reasons: list[StopReason] = ["length"] * len(texts)
-        alive = list(range(len(texts)))
+        new_ids: dict[int, list[int]] = {}
+        queue = list(reversed(order))  # popped from the end: longest prompt first
+        alive: list[int] = []
+        cache = attention_mask = next_position = logits = None
+        mergeable = True  # a cache whose layers are not plain per-row tensors is only refilled once empty
         kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
+
+        def done(row: int, reason: StopReason) -> None:
+            if sampler is not None:
+                sampler.generators.pop(row, None)
+            on_finish(row, new_ids.pop(row), reason)
+
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                             use_cache=True, **kwargs)
-            cache, next_position = getattr(out, self._cache_arg), positions[:, -1:] + 1
-            for _ in range(max_new_tokens):
-                scores = out.logits[:, -1, :].float()
+            while queue or alive:
+                admitted = refill(queue, [lengths[r] for r in alive], lengths, max_rows=max_rows,
+                                  max_tokens=self.max_batch_tokens, max_new_tokens=max_new_tokens,
+                                  min_free=max(1, max_rows // 4)) if mergeable or not alive else []
+                for group in similar_lengths(admitted, lengths) if mergeable else [admitted]:
+                    ids, mask = self._tensors([prompts[i] for i in group])
+                    positions = self._position_ids(mask)
+                    out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                                     **kwargs)
+                    self.counters["forward_batches"] += 1
+                    fresh = getattr(out, self._cache_arg)
+                    if alive:
+                        attention_mask = _merge_caches(cache, attention_mask, fresh, mask)
+                        next_position = torch.cat([next_position, positions[:, -1:] + 1])
+                        logits = torch.cat([logits, out.logits[:, -1, :]])
+                    else:
+                        cache, attention_mask, next_position, logits = fresh, mask, positions[:, -1:] + 1, out.logits[:, -1, :]
+                        mergeable = _mergeable(cache)
+                    alive += group
+                    new_ids.update((i, []) for i in group)
+                scores = logits.float()
                 if sampler is not None:
                     scores = sampler.perturb(alive, scores)
                 chosen = scores.argmax(dim=-1)
                 keep = []
                 for j, (row, token) in enumerate(zip(alive, chosen.tolist())):
                     if token == self.eos_token_id or token == self.tokenizer.pad_token_id:
-                        reasons[row] = "eos"
+                        done(row, "eos")
                         continue
                     new_ids[row].append(token)
                     if stop_check is not None and stop_check(new_ids[row]):
-                        reasons[row] = "stop"
-                    elif len(new_ids[row]) < max_new_tokens:
+                        done(row, "stop")
+                    elif len(new_ids[row]) >= max_new_tokens:
+                        done(row, "length")
+                    else:
                         keep.append(j)
                 if not keep:
-                    break
+                    alive, cache = [], None
+                    continue
                 if len(keep) < len(alive):
                     index = torch.tensor(keep, device=chosen.device)
                     cache.batch_select_indices(index)
                     attention_mask, next_position, chosen = attention_mask[index], next_position[index], chosen[index]
                     alive = [alive[j] for j in keep]
+                    attention_mask = _trim_padding(cache, attention_mask) if mergeable else attention_mask
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], dim=-1)
                 out = self.model(input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=next_position,
                                  use_cache=True, **{self._cache_arg: cache}, **kwargs)
-                next_position = next_position + 1
-        return list(zip(new_ids, reasons))
+                logits, next_position = out.logits[:, -1, :], next_position + 1
 
     def _finish(self, ids: list[int], reason: StopReason, stop: Sequence[str]) -> Generation:
         """Turn one row's new token ids into a Generation, cut before its first stop string."""
@@ -409,7 +529,8 @@ class VLLMGenerator:
 
     def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float = 0.0,
                  stop: Sequence[str] = (), seed: int | Sequence[int] = 0, progress: str | None = None,
-                 batch_size: int | None = None) -> list[Generation]:
+                 batch_size: int | None = None,
+                 on_result: Callable[[int, Generation], None] | None = None) -> list[Generation]:
         from vllm import SamplingParams
 
         seeds = [derive_seed(seed, i) for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
@@ -424,6 +545,8 @@ class VLLMGenerator:
                 "length" if o.finish_reason == "length" else "eos")
             n = len([t for t in o.token_ids if t != self.eos_token_id])
             results.append(Generation(text, reason, n))
+            if on_result is not None:
+                on_result(len(results) - 1, results[-1])
         return results
 
     def next_token_logprobs(self, prompts: list[str], token_ids: Sequence[int], *,
