@@ -5,22 +5,27 @@ model's FLOPs per generated token, read off its config (2 x the parameters of ev
 the LM head included, plus the attention over the mean context). Decoding cannot run faster
 than that on this CPU; the fraction of it reached is what the engine still leaves.
 
-Workload: the shipped Stage-1 eval prompts in the training format, greedy, the format's stop
-strings, MAX_NEW_TOKENS new tokens (what the eval stage does). Each engine's tokens/s is the
-fastest of `--repeats` runs after a warm-up:
+Workload: the shipped Stage-1 eval prompts (all 182 unless `--prompts`) in the training format,
+greedy, the format's stop strings, MAX_NEW_TOKENS new tokens: what the eval stage does for one
+model in one suite, in one `generate` call. Each engine's tokens/s is the fastest of
+`--repeats` runs after a warm-up:
 
-* `HFGenerator.generate` at batch 1 (the loop), 16, 64, and cai's default (the stage batch
-  size with the padded-token budget, `DEFAULT_MAX_BATCH_TOKENS`);
+* `HFGenerator.generate` at batch 1 (the loop), 16, 64, 128 rows, and cai's default (the eval
+  batch size with the padded-token budget, `DEFAULT_MAX_BATCH_TOKENS`), one call over the
+  whole workload: rows that end are refilled from the queue;
+* the same default batch with one call per batch (`token_budget_batches`), each batch left to
+  drain: what the eval stage did before the refill;
 * transformers' `model.generate` at cai's default batch, the engine before rows left the
   batch when they end.
 
 Greedy outputs of every batched run must equal the loop's on the prompts the loop ran.
 
 Steady decode: seconds per decode step with R rows alive throughout (R = 1 ... 256, the
-prompts repeated, after the prefill), the cost of a batch kept full. cai's batches shrink as
-rows end, so this says what refilling them would reach, and at what batch.
+prompts repeated, after the prefill), the cost of a batch kept full: the most a refilled
+batch of R rows can reach (a workload still pays its prefill and the tail the last rows decode
+alone).
 
-    python -m benchmarks.generation [--repeats 2] [--prompts 64]
+    python -m benchmarks.generation [--repeats 2] [--prompts N]
 """
 
 from __future__ import annotations
@@ -93,7 +98,7 @@ def steady_step_seconds(gen, prompts: list[str], rows: int, steps: int = STEADY_
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per engine; the fastest counts")
-    parser.add_argument("--prompts", type=int, default=64, help="eval prompts in the workload")
+    parser.add_argument("--prompts", type=int, default=None, help="eval prompts in the workload (default: all)")
     args = parser.parse_args(argv)
     offline()
     import torch
@@ -102,12 +107,12 @@ def main(argv: list[str] | None = None) -> dict:
     from cai.config import EvalConfig, ModelConfig
     from cai.pipeline import formats
     from cai.pipeline.compare import load_eval_set
-    from cai.pipeline.generation import DEFAULT_MAX_BATCH_TOKENS, HFGenerator
+    from cai.pipeline.generation import DEFAULT_MAX_BATCH_TOKENS, HFGenerator, token_budget_batches
     from cai.pipeline.models import ModelSlot, encode_batch
 
     fmt = "instruction_response"
     stop = list(formats.stop_sequences(fmt))
-    prompts = [formats.render(fmt, it["instruction"]) for it in load_eval_set("stage1")[:args.prompts]]
+    prompts = [formats.render(fmt, it["instruction"]) for it in load_eval_set("stage1")[:args.prompts]]  # None: all
     default_batch = EvalConfig().batch_size
     stride = max(1, len(prompts) // LOOP_PROMPTS)
     loop_index = list(range(0, len(prompts), stride))[:LOOP_PROMPTS]  # spread over the set's instruction types
@@ -131,12 +136,30 @@ def main(argv: list[str] | None = None) -> dict:
         engines["cai batch 1 (loop)"] = {"batch": 1, "prompts": len(loop_prompts), "seconds": loop_t["seconds"],
                                          "tokens": sum(g.n_new_tokens for g in loop)}
         outputs["cai batch 1 (loop)"] = [g.text for g in loop]
-        for name, rows in (("cai batch 16", 16), ("cai batch 64", 64), (f"cai default ({default_batch} rows, "
-                                                                       f"{DEFAULT_MAX_BATCH_TOKENS} tokens)", default_batch)):
+        for name, rows in (("cai batch 16", 16), ("cai batch 64", 64), ("cai batch 128", 128),
+                           (f"cai default ({default_batch} rows, {DEFAULT_MAX_BATCH_TOKENS} tokens)", default_batch)):
             t, out = timed(lambda: gen.generate(prompts, max_new_tokens=MAX_NEW_TOKENS, stop=stop, batch_size=rows))
             engines[name] = {"batch": rows, "prompts": len(prompts), "seconds": t["seconds"],
                              "tokens": sum(g.n_new_tokens for g in out)}
             outputs[name] = [g.text for g in out]
+
+        order, lengths = gen._order(prompts)
+        drained = token_budget_batches(order, lengths, max_rows=default_batch, max_tokens=DEFAULT_MAX_BATCH_TOKENS,
+                                       max_new_tokens=MAX_NEW_TOKENS)
+
+        def one_call_per_batch() -> list:
+            out = [None] * len(prompts)
+            for batch in drained:
+                for i, g in zip(batch, gen.generate([prompts[i] for i in batch], max_new_tokens=MAX_NEW_TOKENS,
+                                                    stop=stop, batch_size=default_batch)):
+                    out[i] = g
+            return out
+
+        t, out = timed(one_call_per_batch)
+        name = f"cai default, one call per batch ({len(drained)} drained)"
+        engines[name] = {"batch": default_batch, "prompts": len(prompts), "seconds": t["seconds"],
+                         "tokens": sum(g.n_new_tokens for g in out)}
+        outputs[name] = [g.text for g in out]
 
         config = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1,
                                   eos_token_id=slot.tokenizer.eos_token_id, pad_token_id=slot.tokenizer.pad_token_id,
@@ -181,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
             "engines": rows, "matmul_gflops_fp32": round(gflops, 1), "flops_per_token": round(per_token),
             "compute_limit_tokens_per_s": round(limit, 1), "max_new_tokens": MAX_NEW_TOKENS, "greedy": True,
             "mean_prompt_tokens": round(mean_prompt, 1), "mean_new_tokens": round(mean_new, 1),
+            # prefill work the limit does not count (it counts generated tokens): prompt tokens per new token
+            "prompt_tokens_per_new_token": round(mean_prompt / mean_new, 2),
             "identical_to_loop": identical, "torch_threads": torch.get_num_threads(),
             "steady_decode": {"steps": STEADY_STEPS, "rows": steady_rows},
         },

@@ -15,7 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from cai.config import ModelConfig, RunConfig  # noqa: E402
 from cai.errors import BadInputError  # noqa: E402
-from cai.invariants import (ChosenDiffersFromRejected, ChosenPassesVerifier, DuplicateRate, RecordSet,  # noqa: E402
+from cai.invariants import (ChosenDiffersFromRejected, ChosenPassesVerifier, DuplicateRate, GatedChosenPasses, RecordSet,  # noqa: E402
                             Status, all_passed, data_invariants, evaluate)
 from cai.pipeline import formats  # noqa: E402
 from cai.pipeline.critic import Judgement  # noqa: E402
@@ -409,7 +409,32 @@ def test_responses_gate_the_chosen_by_its_checker(gen, tmp_path):
     assert mixed, "no record had passing and failing candidates: the contender check above never ran"
     assert stats["verifier"]["chosen_passes"] + stats["verifier"]["none_passes"] == 3
     assert stats["verifier"]["none_passes"] == sum(not r["verifier"]["chosen_passes"] for r in recs)
+    _gated_chosen_check_fails_on_damaged_records(recs)
     pairs, pstats = build_pairs(cfg, recs)
     assert pstats["skipped"].get("chosen_fails_verifier", 0) == stats["verifier"]["none_passes"]
     results = evaluate(data_invariants("preference", critic_enabled=True), RecordSet("preference", pairs))
     assert all_passed(results), [r.evidence for r in results if r.status != Status.PASS]
+
+
+def _gated_chosen_check_fails_on_damaged_records(recs):
+    """`gated_chosen_passes_when_one_could` passes on the stage's real records and fails on each
+    way one could be damaged: the chosen swapped for a failing candidate while another passes
+    (with its flag set to match), a forged `chosen_passes`, the passing candidate hidden by
+    flagging it unusable, the candidates removed."""
+    check = GatedChosenPasses()
+    assert "gated_chosen_passes_when_one_could" in {i.name for i in data_invariants("sft")}
+    assert check.check(RecordSet("sft", recs)).status == Status.PASS
+    rec = next(r for r in recs if {c["verifier_pass"] for c in r["candidates"] if c["usable"]} == {True, False})
+    failing = next(c for c in rec["candidates"] if c["usable"] and not c["verifier_pass"])
+    swapped = dict(rec, completion=formats.COMPLETION_PREFIX + failing["text"],
+                   verifier=dict(rec["verifier"], chosen_passes=False))
+    res = check.check(RecordSet("sft", [swapped]))
+    assert res.status == Status.FAIL and "passes)" in res.evidence, res.evidence
+    forged = dict(rec, verifier=dict(rec["verifier"], chosen_passes=False))
+    res = check.check(RecordSet("sft", [forged]))
+    assert res.status == Status.FAIL and "re-scored True" in res.evidence, res.evidence
+    hidden = dict(swapped, candidates=[dict(c, usable=c is failing) for c in rec["candidates"]])
+    assert check.check(RecordSet("sft", [hidden])).status == Status.FAIL
+    gone = {k: v for k, v in swapped.items() if k != "candidates"}
+    res = check.check(RecordSet("sft", [gone]))
+    assert res.status == Status.FAIL and "candidates are gone" in res.evidence

@@ -25,7 +25,7 @@ in the manifest via `ArtifactWriter.finalize(invariants=...)`, then `raise_on_fa
 from cai.invariants.base import (Invariant, Result, Severity, Status, all_passed, evaluate,
                                  raise_on_failures)
 from cai.invariants.data import (ChosenDiffersFromRejected, ChosenPassesVerifier, CriticMarginsPresent,
-                                 DuplicateRate, NonEmptyCompletions,
+                                 DuplicateRate, GatedChosenPasses, NonEmptyCompletions,
                                  NoTrainEvalOverlap, NoTruncatedCompletions, RecordSchema,
                                  data_invariants, encoding_invariants, eval_response_invariants)
 from cai.invariants.leakage import (ChatTemplateDisabled, ChatTemplateRefuses, ChatTemplateShipped,
@@ -48,7 +48,7 @@ __all__ = [
     "Invariant", "Result", "Severity", "Status", "all_passed", "evaluate", "raise_on_failures",
     "RecordSet", "RecordSchema", "NonEmptyCompletions", "NoTruncatedCompletions", "DuplicateRate",
     "NoTrainEvalOverlap", "CriticMarginsPresent", "ChosenDiffersFromRejected", "ChosenPassesVerifier",
-    "data_invariants", "detect_kind", "load_records",
+    "GatedChosenPasses", "data_invariants", "detect_kind", "load_records",
     "encoding_invariants", "eval_response_invariants", "prompt_tokenizer_subject",
     "ChatTemplateShipped", "ChatTemplateDisabled", "ChatTemplateRefuses", "NoSpecialTokenIds", "RoundTrip",
     "NoChatMarkers", "SentinelBehaviour", "TokenizerSubject", "ModelSubject", "check_tokenizer",

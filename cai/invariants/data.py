@@ -442,6 +442,66 @@ class ChosenPassesVerifier(Invariant):
         return False, _fmt_offenders(failing, gated, "with a verifiable constraint have a chosen that fails it")
 
 
+class GatedChosenPasses(Invariant):
+    """Prevents SFT data that teaches an answer breaking its instruction's verifiable constraint
+    when the stage had one that kept it (DESIGN.md, verifier gating): for every record whose
+    instruction carries a constraint known exactly, the chosen completion and every usable
+    candidate are re-scored with lm-eval's strict IFEval checker, here, from the text; a chosen
+    that fails while a usable candidate passes is an error, and so is a recorded
+    `verifier.chosen_passes` that disagrees with the re-score. Usability is re-derived from
+    each candidate's text and stop reason (`responses.unusable_reason`), not read from its flag.
+    A record the stage gated must keep its candidates."""
+
+    name = "gated_chosen_passes_when_one_could"
+
+    def _check(self, subject):
+        from cai.errors import BadInputError
+        from cai.pipeline.formats import COMPLETION_PREFIX
+        from cai.pipeline.responses import unusable_reason, verifiable_constraint, verifier_passes
+
+        rs = as_record_set(subject)
+        if rs.kind != "sft":
+            return True, f"{rs.kind} records are not best-of-N SFT records"
+        bad, gated, kept_failing = [], 0, 0
+        for i, rec in enumerate(rs.records):
+            try:
+                constraint = verifiable_constraint(rec)
+            except BadInputError as err:  # a constraint that cannot be checked fails closed
+                bad.append(f"{record_id(rec, i)!r} (unverifiable: {err})")
+                continue
+            if constraint is None:
+                continue
+            gated += 1
+            completion = str(rec.get("completion", ""))
+            chosen = completion[len(COMPLETION_PREFIX):] if completion.startswith(COMPLETION_PREFIX) else completion
+            passes = verifier_passes(constraint, chosen.strip())
+            gate = rec.get("verifier")
+            if isinstance(gate, dict) and gate.get("chosen_passes") is not passes:
+                bad.append(f"{record_id(rec, i)!r} (records chosen_passes={gate.get('chosen_passes')!r}, "
+                           f"re-scored {passes})")
+                continue
+            cands = rec.get("candidates")
+            if not isinstance(cands, list):
+                if gate is not None:
+                    bad.append(f"{record_id(rec, i)!r} (gated, but its candidates are gone)")
+                continue
+            if passes:
+                continue
+            could = [k for k, c in enumerate(cands) if isinstance(c, dict)
+                     and unusable_reason(str(c.get("text", "")), str(c.get("stop_reason", ""))) is None
+                     and verifier_passes(constraint, str(c.get("text", "")).strip())]
+            if could:
+                bad.append(f"{record_id(rec, i)!r} (chosen fails {', '.join(constraint['instruction_id_list'])}; "
+                           f"candidate {could[0]} passes)")
+            else:
+                kept_failing += 1
+        if not bad:
+            return True, (f"{gated}/{len(rs)} record(s) carry a verifiable constraint; each chosen passes its IFEval "
+                          f"checker (strict) or no usable candidate did ({kept_failing} such)")
+        return False, _fmt_offenders(bad, max(gated, 1), "with a verifiable constraint keep a failing chosen "
+                                                         "or a false verdict")
+
+
 # --------------------------------------------------------------------------- groups
 
 
@@ -467,6 +527,8 @@ def data_invariants(kind: str, *, eval_sets: Mapping[str, Iterable] | None = Non
             invs.append(NoTrainEvalOverlap(eval_sets, ngram))
         if critic_enabled is not None:
             invs.append(CriticMarginsPresent(critic_enabled))
+    if kind == "sft":
+        invs.append(GatedChosenPasses())
     if kind == "preference":
         invs += [ChosenDiffersFromRejected(), ChosenPassesVerifier()]
     return invs

@@ -2,10 +2,11 @@
 
 `HFGenerator(model, tokenizer)` wraps a loaded transformers model:
 
-* `generate(prompts, max_new_tokens=, temperature=, stop=, seed=)` -> `list[Generation]`:
-  batched (prompts sorted by token length, order restored; batches sized by padded tokens,
-  `max_batch_tokens`, as well as rows), left padding, KV cache, greedy at temperature 0,
-  stop strings and EOS; a row leaves the batch the step it ends.
+* `generate(prompts, max_new_tokens=, temperature=, stop=, seed=, on_result=)` -> `list[Generation]`:
+  one decode batch per call (prompts longest first, order restored; at most `batch_size` rows
+  and `max_batch_tokens` padded tokens), left padding, KV cache, greedy at temperature 0, stop
+  strings and EOS; a row leaves the batch the step it ends, and queued prompts take the freed
+  rows (their prefill's KV cache merged in), so the batch stays wide until the queue is empty.
 * `next_token_logprobs(prompts, token_ids)` -> log-probs of the given ids as the next
   token: one forward pass per batch, only the last position's logits computed.
 * `loglikelihood([(context, continuation), ...])` -> summed continuation log-probs,
