@@ -12,18 +12,17 @@ model in one suite, in one `generate` call. Each engine's tokens/s is the fastes
 
 * `HFGenerator.generate` at batch 1 (the loop), 16, 64, 128 rows, and cai's default (the eval
   batch size with the padded-token budget, `DEFAULT_MAX_BATCH_TOKENS`), one call over the
-  whole workload: rows that end are refilled from the queue;
-* the same default batch with one call per batch (`token_budget_batches`), each batch left to
-  drain: what the eval stage did before the refill;
+  whole workload;
+* the same, with transformers' own `DynamicCache` (a `torch.cat` of the whole cache per
+  step) instead of cai's spare-column layers;
 * transformers' `model.generate` at cai's default batch, the engine before rows left the
   batch when they end.
 
 Greedy outputs of every batched run must equal the loop's on the prompts the loop ran.
 
 Steady decode: seconds per decode step with R rows alive throughout (R = 1 ... 256, the
-prompts repeated, after the prefill), the cost of a batch kept full: the most a refilled
-batch of R rows can reach (a workload still pays its prefill and the tail the last rows decode
-alone).
+prompts repeated, after the prefill), the cost of a batch kept full: the most a batch of R
+rows can reach (a workload also pays its prefill, and the tail a batch decodes as its rows end).
 
     python -m benchmarks.generation [--repeats 2] [--prompts N]
 """
@@ -31,6 +30,7 @@ alone).
 from __future__ import annotations
 
 import argparse
+from unittest import mock
 
 from benchmarks.common import offline, stopwatch, write_result
 
@@ -79,12 +79,15 @@ def steady_step_seconds(gen, prompts: list[str], rows: int, steps: int = STEADY_
 
     import torch
 
+    from cai.pipeline import generation
+
     input_ids, mask = gen._tensors([prompts[i % len(prompts)] for i in range(rows)])
     positions = gen._position_ids(mask)
     with torch.inference_mode():
+        cache = generation._decode_cache()
         out = gen.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                        logits_to_keep=1)
-        cache, position = getattr(out, gen._cache_arg), positions[:, -1:] + 1
+                        logits_to_keep=1, **{gen._cache_arg: cache})
+        position = positions[:, -1:] + 1
         started = time.perf_counter()
         for _ in range(steps):
             token = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
@@ -103,11 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
     offline()
     import torch
     from transformers import GenerationConfig
+    from transformers.cache_utils import DynamicCache
 
     from cai.config import EvalConfig, ModelConfig
     from cai.pipeline import formats
     from cai.pipeline.compare import load_eval_set
-    from cai.pipeline.generation import DEFAULT_MAX_BATCH_TOKENS, HFGenerator, token_budget_batches
+    from cai.pipeline import generation
+    from cai.pipeline.generation import DEFAULT_MAX_BATCH_TOKENS, HFGenerator
     from cai.pipeline.models import ModelSlot, encode_batch
 
     fmt = "instruction_response"
@@ -143,20 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
                              "tokens": sum(g.n_new_tokens for g in out)}
             outputs[name] = [g.text for g in out]
 
-        order, lengths = gen._order(prompts)
-        drained = token_budget_batches(order, lengths, max_rows=default_batch, max_tokens=DEFAULT_MAX_BATCH_TOKENS,
-                                       max_new_tokens=MAX_NEW_TOKENS)
-
-        def one_call_per_batch() -> list:
-            out = [None] * len(prompts)
-            for batch in drained:
-                for i, g in zip(batch, gen.generate([prompts[i] for i in batch], max_new_tokens=MAX_NEW_TOKENS,
-                                                    stop=stop, batch_size=default_batch)):
-                    out[i] = g
-            return out
-
-        t, out = timed(one_call_per_batch)
-        name = f"cai default, one call per batch ({len(drained)} drained)"
+        with mock.patch.object(generation, "_decode_cache", DynamicCache):  # the cache before spare columns
+            t, out = timed(lambda: gen.generate(prompts, max_new_tokens=MAX_NEW_TOKENS, stop=stop,
+                                                batch_size=default_batch))
+        name = "cai default, DynamicLayer cache (torch.cat per step)"
         engines[name] = {"batch": default_batch, "prompts": len(prompts), "seconds": t["seconds"],
                          "tokens": sum(g.n_new_tokens for g in out)}
         outputs[name] = [g.text for g in out]

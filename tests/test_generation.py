@@ -18,8 +18,7 @@ from cai.pipeline.generation import (  # noqa: E402
     HFGenerator,
     VLLMGenerator,
     _GumbelSampler,
-    refill,
-    similar_lengths,
+    spare_columns_layer,
     token_budget_batches,
     encode_pair,
     truncate_at_stop,
@@ -219,33 +218,22 @@ REFILL_PROMPTS = [formats.render("instruction_response", x) for x in (
 )]
 
 
-def test_a_refilled_batch_equals_the_loop(gen):
-    """Ten prompts of mixed lengths through four rows: finished rows are replaced by queued
-    prompts whose KV caches are merged in (left-padded to the live width, leading all-padding
-    columns trimmed), and every output, greedy and seeded sampling, equals its one-prompt run.
-    The decode steps show the refill: the row count rises again after it fell, never above four."""
-    events, ended = [], []
+def test_long_decodes_stream_each_result_and_equal_the_loop(gen):
+    """Ten prompts through four rows, 80 new tokens (past the cache layers' 64 spare columns, so
+    they reallocate, also after rows have left): every output, greedy and seeded sampling,
+    equals its one-prompt run, and `on_result` hands over each prompt once, as generated."""
+    layers, ended = [], []
     hook = gen.model.register_forward_pre_hook(
-        lambda m, a, kw: events.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+        lambda m, a, kw: layers.extend(type(x) for x in kw[gen._cache_arg].layers), with_kwargs=True)
     try:
-        greedy = gen.generate(REFILL_PROMPTS, max_new_tokens=16, stop=["\n"],
-                              on_result=lambda i, g: (ended.append((i, g)), events.append("end")))
+        greedy = gen.generate(REFILL_PROMPTS, max_new_tokens=80, on_result=lambda i, g: ended.append((i, g)))
     finally:
         hook.remove()
-    assert max(e[0] for e in events if e != "end") <= 4
-    refills, started, finished, previous = 0, 0, 0, None
-    for e in events:  # a refill: a prefill after a decode step, while rows are still decoding
-        if e == "end":
-            finished += 1
-            continue
-        if e[1] > 1 and previous is not None and previous[1] == 1 and started > finished:
-            refills += 1
-        started += e[0] if e[1] > 1 else 0
-        previous = e
-    assert refills >= 1, events
+    assert layers and set(layers) == {spare_columns_layer()}
     assert sorted(i for i, _ in ended) == list(range(len(REFILL_PROMPTS)))
     assert [g for _, g in sorted(ended, key=lambda x: x[0])] == greedy
-    alone = [gen.generate([p], max_new_tokens=16, stop=["\n"], batch_size=1)[0] for p in REFILL_PROMPTS]
+    assert any(g.n_new_tokens > 64 for g in greedy)
+    alone = [gen.generate([p], max_new_tokens=80, batch_size=1)[0] for p in REFILL_PROMPTS]
     assert greedy == alone
     sampled = gen.generate(REFILL_PROMPTS, max_new_tokens=10, temperature=0.8, seed=5, stop=["."])
     alone = [gen.generate([p], max_new_tokens=10, temperature=0.8, seed=[s], stop=["."], batch_size=1)[0]
@@ -253,47 +241,22 @@ def test_a_refilled_batch_equals_the_loop(gen):
     assert sampled == alone
 
 
-@settings(max_examples=300, deadline=None)
-@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=40), alive=st.integers(0, 16),
-       max_rows=st.integers(1, 16), max_tokens=st.integers(1, 6000), max_new=st.integers(1, 200),
-       min_free=st.integers(1, 16), data=st.data())
-def test_refill_stays_within_budget_and_takes_the_queue_in_order(lengths, alive, max_rows, max_tokens, max_new,
-                                                                  min_free, data):
-    alive = min(alive, max_rows)
-    alive_lengths = [data.draw(st.integers(1, 300)) for _ in range(alive)]
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    queue = list(reversed(order))
-    admitted = refill(queue, alive_lengths, lengths, max_rows=max_rows, max_tokens=max_tokens,
-                      max_new_tokens=max_new, min_free=min_free)
-    assert admitted == order[:len(admitted)] and queue == list(reversed(order[len(admitted):]))
-    rows = alive_lengths + [lengths[i] for i in admitted]
-    assert len(rows) <= max_rows
-    if not alive_lengths:
-        assert len(admitted) >= 1  # an empty batch always takes a prompt
-    if len(rows) > 1 and admitted:
-        assert len(rows) * (max(rows) + max_new) <= max_tokens
-    if alive_lengths and max_rows - alive < min(min_free, len(order)):
-        assert admitted == []  # one prefill per few freed rows, not one per row
+@settings(max_examples=100, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(1, 40), st.booleans()), min_size=1, max_size=12), data=st.data())
+def test_spare_columns_layer_equals_concatenation(steps, data):
+    """Appends of any width, with rows dropped between them (`batch_select_indices`, which
+    replaces the keys), give the same keys and values as transformers' `DynamicLayer`."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
 
-
-@given(lengths=st.lists(st.integers(1, 300), min_size=1, max_size=9), call_tokens=st.integers(0, 200))
-def test_similar_lengths_is_the_cheapest_split(lengths, call_tokens):
-    """The prefill runs keep the order and cost no more than any other split into consecutive
-    runs (all 2^(n-1) of them, by brute force)."""
-    import itertools
-
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-
-    def cost(groups):
-        return sum(len(g) * lengths[g[0]] + call_tokens for g in groups)
-
-    groups = similar_lengths(order, lengths, call_tokens=call_tokens)
-    assert [i for g in groups for i in g] == order
-    for cuts in itertools.product((False, True), repeat=len(order) - 1):
-        split, current = [], [order[0]]
-        for i, c in zip(order[1:], cuts):
-            if c:
-                split.append(current)
-                current = []
-            current.append(i)
-        assert cost(groups) <= cost(split + [current])
+    spare, reference = spare_columns_layer()(), DynamicLayer()
+    rows = 5
+    for width, drop in steps:
+        if drop and rows > 1 and reference.is_initialized:
+            index = torch.tensor(sorted(data.draw(st.sets(st.integers(0, rows - 1), min_size=1, max_size=rows))))
+            spare.batch_select_indices(index)
+            reference.batch_select_indices(index)
+            rows = len(index)
+        k, v = torch.randn(rows, 2, width, 4), torch.randn(rows, 2, width, 4)
+        got, want = spare.update(k, v), reference.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

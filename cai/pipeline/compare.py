@@ -95,8 +95,9 @@ def generation_settings(cfg: RunConfig, suite: str) -> dict[str, Any]:
 
 def generate_eval_responses(cfg: RunConfig, slot, items: list[dict], models: list[str], writer: ArtifactWriter) -> dict:
     """Generate every (suite, model, item) response not yet in `writer.done`, one `generate` call
-    per (suite, model) whose rows are refilled as they end, appending each response the moment it
-    ends (a crash loses only the rows in flight). Returns per-suite prompt hashes per model."""
+    per (suite, model) (so its batches group prompts of similar length across the whole set),
+    appending each batch's responses as it ends (a crash loses only the batch in flight).
+    Returns per-suite prompt hashes per model."""
     from cai.pipeline.generation import HFGenerator
 
     from tqdm.auto import tqdm

@@ -3,10 +3,9 @@
 `HFGenerator(model, tokenizer)` wraps a loaded transformers model:
 
 * `generate(prompts, max_new_tokens=, temperature=, stop=, seed=, on_result=)` -> `list[Generation]`:
-  one decode batch per call (prompts longest first, order restored; at most `batch_size` rows
-  and `max_batch_tokens` padded tokens), left padding, KV cache, greedy at temperature 0, stop
-  strings and EOS; a row leaves the batch the step it ends, and queued prompts take the freed
-  rows (their prefill's KV cache merged in), so the batch stays wide until the queue is empty.
+  batched (prompts sorted by token length, order restored; batches sized by padded tokens,
+  `max_batch_tokens`, as well as rows), left padding, KV cache, greedy at temperature 0,
+  stop strings and EOS; a row leaves the batch the step it ends.
 * `next_token_logprobs(prompts, token_ids)` -> log-probs of the given ids as the next
   token: one forward pass per batch, only the last position's logits computed.
 * `loglikelihood([(context, continuation), ...])` -> summed continuation log-probs,
@@ -28,6 +27,7 @@ rather than run an untested path (scale out with `--shard I/N` instead).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 from dataclasses import dataclass
@@ -111,90 +111,48 @@ def token_budget_batches(order: list[int], lengths: list[int], *, max_rows: int,
     return batches
 
 
-def refill(queue: list[int], alive_lengths: list[int], lengths: list[int], *, max_rows: int, max_tokens: int,
-           max_new_tokens: int, min_free: int) -> list[int]:
-    """Pop from the end of `queue` the prompts to prefill into a decode batch whose rows have
-    prompt lengths `alive_lengths`. Nothing while fewer than `min_free` rows are free (unless
-    the rest of the queue fits: one prefill per few freed rows, not per row). The batch stays
-    within `max_rows` rows and `max_tokens` padded tokens at the end of decoding (rows x
-    (longest prompt + max_new_tokens), the bound `token_budget_batches` keeps), and an empty
-    batch always takes one prompt."""
-    free = max_rows - len(alive_lengths)
-    if not queue or (alive_lengths and free < min(min_free, len(queue))):
-        return []
-    admitted: list[int] = []
-    longest = max(alive_lengths, default=0)
-    while queue and len(alive_lengths) + len(admitted) < max_rows:
-        width = max(longest, lengths[queue[-1]]) + max_new_tokens
-        if (alive_lengths or admitted) and (len(alive_lengths) + len(admitted) + 1) * width > max_tokens:
-            break
-        longest = max(longest, lengths[queue[-1]])
-        admitted.append(queue.pop())
-    return admitted
+def _decode_cache():
+    """A transformers `DynamicCache` whose layers keep spare columns (`spare_columns_layer`)."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = spare_columns_layer()
+    return cache
 
 
-# What one extra forward pass costs beyond its tokens (reading every weight once), in prompt
-# tokens of prefill compute: about 60 ms on the 2-core CPU, where a prompt token costs 1-1.5 ms.
-PREFILL_CALL_TOKENS = 64
-
-
-def similar_lengths(admitted: list[int], lengths: list[int], *, call_tokens: int = PREFILL_CALL_TOKENS) -> list[list[int]]:
-    """Split `admitted` (longest prompt first) into consecutive runs, one prefill each, at the
-    least total cost: the padded tokens of every run (rows x its longest prompt) plus
-    `call_tokens` per run. One prefill pads every prompt to the longest admitted; one per
-    prompt pays the fixed cost of a forward pass each time (the runs' caches are merged after)."""
-    n = len(admitted)
-    best = [0] + [float("inf")] * n  # best[j]: the cheapest split of admitted[:j]
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j):
-            cost = best[i] + (j - i) * lengths[admitted[i]] + call_tokens
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups: list[list[int]] = []
-    j = n
-    while j > 0:
-        groups.append(admitted[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
-
-
-def _mergeable(cache) -> bool:
-    """Whether every layer of `cache` is a plain per-row key/value tensor pair (transformers'
-    `DynamicLayer`), which rows can be padded into and concatenated onto; sliding-window and
-    other layer types are not."""
+@functools.cache
+def spare_columns_layer():
     from transformers.cache_utils import DynamicLayer
 
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    class SpareColumnsLayer(DynamicLayer):
+        """transformers' `DynamicLayer` appends a decode step's key and value by `torch.cat`, which
+        copies the whole cache every step; this one writes the step into spare columns of a
+        larger buffer (`SPARE` more at each reallocation) and hands out views of it. Anything
+        that replaces `keys` (dropping finished rows) is seen by identity and the next step
+        reallocates, so the layer never writes into a tensor it did not allocate."""
 
+        SPARE = 64
+        _buffers = _view = None
 
-def _merge_caches(cache, mask, fresh, fresh_mask):
-    """Append `fresh`'s rows to `cache` in place, left-padding the narrower of the two to a common
-    width; returns the merged attention mask (padding columns 0, so nothing attends to them)."""
-    import torch
-    import torch.nn.functional as F
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+            k = key_states.shape[-2]
+            if self._buffers is None or self.keys is not self._view or n + k > self._buffers[0].shape[-2]:
+                batch, heads, _, dim = key_states.shape
+                self._buffers = tuple(x.new_empty((batch, heads, n + k + self.SPARE, dim)) for x in (key_states, value_states))
+                if n:
+                    self._buffers[0][:, :, :n] = self.keys
+                    self._buffers[1][:, :, :n] = self.values
+            keys, values = self._buffers
+            keys[:, :, n:n + k] = key_states
+            values[:, :, n:n + k] = value_states
+            self.keys = self._view = keys[:, :, :n + k]
+            self.values = values[:, :, :n + k]
+            return self.keys, self.values
 
-    width = max(mask.shape[1], fresh_mask.shape[1])
-
-    def pad(t, columns):
-        return F.pad(t, (0, 0, width - columns, 0))
-
-    for layer, new in zip(cache.layers, fresh.layers):
-        layer.keys = torch.cat([pad(layer.keys, mask.shape[1]), pad(new.keys, fresh_mask.shape[1])])
-        layer.values = torch.cat([pad(layer.values, mask.shape[1]), pad(new.values, fresh_mask.shape[1])])
-    return torch.cat([F.pad(mask, (width - mask.shape[1], 0)), F.pad(fresh_mask, (width - fresh_mask.shape[1], 0))])
-
-
-def _trim_padding(cache, mask):
-    """Drop the leading columns that are padding in every row (left by rows that have left the
-    batch), so attention and the cache grow with the longest live row, not the call's history."""
-    start = int(mask.any(dim=0).int().argmax())
-    if start == 0:
-        return mask
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
-    return mask[:, start:]
+    return SpareColumnsLayer
 
 
 class _StopOnStrings:
@@ -220,15 +178,14 @@ class _GumbelSampler:
     def __init__(self, seeds: Sequence[int], temperature: float):
         self.seeds = list(seeds)
         self.temperature = temperature
-        self.generators: dict = {}
+        self.generators = None
 
     def perturb(self, rows: Sequence[int], scores):
         """`scores[j]` belongs to request `rows[j]`."""
         import torch
 
-        for r in rows:
-            if r not in self.generators:
-                self.generators[r] = torch.Generator(device=scores.device).manual_seed(self.seeds[r])
+        if self.generators is None:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         scores = scores.float() / self.temperature
         tiny = torch.finfo(torch.float32).tiny
         uniform = torch.stack([torch.rand(scores.shape[-1], generator=self.generators[r], device=scores.device,
@@ -297,8 +254,8 @@ class HFGenerator:
                  on_result: Callable[[int, Generation], None] | None = None) -> list[Generation]:
         """Complete every prompt. `seed`: an int (request i samples with derive_seed(seed, i)) or
         one seed per prompt. Greedy (and seed-free) when temperature == 0. `on_result(i, g)` is
-        called as prompt i ends, so a caller can write results while the rest decode (a crash
-        then loses only the rows in flight)."""
+        called for each prompt of a batch as the batch ends, so a caller can write results while
+        later batches decode (a crash loses only the batch in flight)."""
         prompts = list(prompts)
         if not prompts:
             return []
@@ -316,103 +273,77 @@ class HFGenerator:
         bar = _progress_bar(progress, len(prompts))
         call_tokens = 0
         self.counters["generate_calls"] += 1
-
-        def finished(i: int, ids: list[int], reason: StopReason) -> None:
-            nonlocal call_tokens
-            results[i] = self._finish(ids, reason, stop)
-            call_tokens += results[i].n_new_tokens
-            self.counters["generated_tokens"] += results[i].n_new_tokens
-            if on_result is not None:
-                on_result(i, results[i])
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(tok_s=f"{call_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f}", refresh=False)
-
         try:
-            self._decode(prompts, order, lengths, seeds, temperature, stop, max_new_tokens,
-                         max_rows=batch_size or self.batch_size, on_finish=finished)
+            for batch in token_budget_batches(order, lengths, max_rows=batch_size or self.batch_size,
+                                              max_tokens=self.max_batch_tokens, max_new_tokens=max_new_tokens):
+                rows = self._decode([prompts[i] for i in batch], [seeds[i] for i in batch], temperature, stop,
+                                    max_new_tokens)
+                for i, (ids, reason) in zip(batch, rows):
+                    results[i] = self._finish(ids, reason, stop)
+                    if on_result is not None:
+                        on_result(i, results[i])
+                n_new = sum(results[i].n_new_tokens for i in batch)
+                call_tokens += n_new
+                self.counters["generated_tokens"] += n_new
+                self.counters["forward_batches"] += 1
+                if bar is not None:
+                    bar.update(len(batch))
+                    bar.set_postfix(tok_s=f"{call_tokens / max(bar.format_dict['elapsed'], 1e-9):.1f}")
         finally:
             if bar is not None:
                 bar.close()
         return results  # type: ignore[return-value]
 
-    def _decode(self, prompts: list[str], order: list[int], lengths: list[int], seeds: list[int], temperature: float,
-                stop: Sequence[str], max_new_tokens: int, *, max_rows: int, on_finish) -> None:
-        """Greedy or Gumbel-max decoding of every prompt through one batch that is refilled as it
-        drains: a row leaves the batch (and the KV cache) the step it ends (EOS, a stop string, the
-        token cap), and once a quarter of the rows are free the next prompts in `order` are
-        prefilled and their caches merged in, left-padded to a common width. The batch stays
-        wide, which is what a CPU or GPU needs to approach its matmul rate; a batch left to
-        drain decodes its tail at a few rows for most of its steps. `model.generate` keeps
-        finished rows until the longest ends, and transformers' continuous batching
-        (`generate_batch`) measured slower on the CPU. Calls `on_finish(i, new_ids, reason)` for
-        each prompt as it ends (EOS excluded from the ids)."""
+    def _decode(self, texts: list[str], seeds: list[int], temperature: float, stop: Sequence[str],
+                max_new_tokens: int) -> list[tuple[list[int], StopReason]]:
+        """Greedy or Gumbel-max decoding of one batch with a KV cache, dropping each row from the
+        batch (and from the cache) the step it ends: at EOS, at a stop string, at the token cap.
+        `model.generate` keeps computing finished rows until the longest row ends, which on a
+        batch with varied lengths costs most of the work; transformers' continuous batching
+        (`generate_batch`) measured slower on the CPU. Returns each row's new ids (EOS
+        excluded) and why it ended."""
         import torch
 
+        input_ids, attention_mask = self._tensors(texts)
+        positions = self._position_ids(attention_mask)
+        cache = _decode_cache()
         sampler = _GumbelSampler(seeds, temperature) if temperature > 0 else None
         stop_check = _StopOnStrings(self.tokenizer, stop) if stop else None
-        new_ids: dict[int, list[int]] = {}
-        queue = list(reversed(order))  # popped from the end: longest prompt first
-        alive: list[int] = []
-        cache = attention_mask = next_position = logits = None
-        mergeable = True  # a cache whose layers are not plain per-row tensors is only refilled once empty
+        new_ids: list[list[int]] = [[] for _ in texts]
+        reasons: list[StopReason] = ["length"] * len(texts)
+        alive = list(range(len(texts)))
         kwargs = {"logits_to_keep": 1} if self._logits_to_keep else {}
-
-        def done(row: int, reason: StopReason) -> None:
-            if sampler is not None:
-                sampler.generators.pop(row, None)
-            on_finish(row, new_ids.pop(row), reason)
-
         with torch.inference_mode():
-            while queue or alive:
-                admitted = refill(queue, [lengths[r] for r in alive], lengths, max_rows=max_rows,
-                                  max_tokens=self.max_batch_tokens, max_new_tokens=max_new_tokens,
-                                  min_free=max(1, max_rows // 4)) if mergeable or not alive else []
-                for group in similar_lengths(admitted, lengths) if mergeable else [admitted]:
-                    ids, mask = self._tensors([prompts[i] for i in group])
-                    positions = self._position_ids(mask)
-                    out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                                     **kwargs)
-                    self.counters["forward_batches"] += 1
-                    fresh = getattr(out, self._cache_arg)
-                    if alive:
-                        attention_mask = _merge_caches(cache, attention_mask, fresh, mask)
-                        next_position = torch.cat([next_position, positions[:, -1:] + 1])
-                        logits = torch.cat([logits, out.logits[:, -1, :]])
-                    else:
-                        cache, attention_mask, next_position, logits = fresh, mask, positions[:, -1:] + 1, out.logits[:, -1, :]
-                        mergeable = _mergeable(cache)
-                    alive += group
-                    new_ids.update((i, []) for i in group)
-                scores = logits.float()
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=True, **{self._cache_arg: cache}, **kwargs)
+            next_position = positions[:, -1:] + 1
+            for _ in range(max_new_tokens):
+                scores = out.logits[:, -1, :].float()
                 if sampler is not None:
                     scores = sampler.perturb(alive, scores)
                 chosen = scores.argmax(dim=-1)
                 keep = []
                 for j, (row, token) in enumerate(zip(alive, chosen.tolist())):
                     if token == self.eos_token_id or token == self.tokenizer.pad_token_id:
-                        done(row, "eos")
+                        reasons[row] = "eos"
                         continue
                     new_ids[row].append(token)
                     if stop_check is not None and stop_check(new_ids[row]):
-                        done(row, "stop")
-                    elif len(new_ids[row]) >= max_new_tokens:
-                        done(row, "length")
-                    else:
+                        reasons[row] = "stop"
+                    elif len(new_ids[row]) < max_new_tokens:
                         keep.append(j)
                 if not keep:
-                    alive, cache = [], None
-                    continue
+                    break
                 if len(keep) < len(alive):
                     index = torch.tensor(keep, device=chosen.device)
                     cache.batch_select_indices(index)
                     attention_mask, next_position, chosen = attention_mask[index], next_position[index], chosen[index]
                     alive = [alive[j] for j in keep]
-                    attention_mask = _trim_padding(cache, attention_mask) if mergeable else attention_mask
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(alive), 1))], dim=-1)
                 out = self.model(input_ids=chosen[:, None], attention_mask=attention_mask, position_ids=next_position,
                                  use_cache=True, **{self._cache_arg: cache}, **kwargs)
-                logits, next_position = out.logits[:, -1, :], next_position + 1
+                next_position = next_position + 1
+        return list(zip(new_ids, reasons))
 
     def _finish(self, ids: list[int], reason: StopReason, stop: Sequence[str]) -> Generation:
         """Turn one row's new token ids into a Generation, cut before its first stop string."""
