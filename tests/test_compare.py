@@ -135,3 +135,16 @@ def test_verdicts_without_responses_leave_the_response_diagnostics_unrun():
     s = verdict_scores([{"passed": i % 2 == 0, "cluster": str(i)} for i in range(12)], n_resamples=500, seed=0)
     assert s["n"] == 12 and s["n_clusters"] == 12 and "per_instruction" not in s
     assert s["length_rule"] is s["refusal_rule"] is s["n_truncated"] is s["n_empty"] is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(passed=st.lists(st.booleans(), min_size=4, max_size=30), n_clusters=st.integers(2, 6), seed=st.integers(0, 2**16))
+def test_scores_do_not_depend_on_the_order_verdicts_come_in(passed, n_clusters, seed):
+    """The same verdicts in another order (eval records written by length-sorted batches, a
+    resume, a merge of shards) get the same point estimates and the same intervals."""
+    import random
+
+    verdicts = [{**_verdict(p, f"c{i % n_clusters}"), "key": i, "eval_set": "stage1"} for i, p in enumerate(passed)]
+    shuffled = verdicts[:]
+    random.Random(seed).shuffle(shuffled)
+    assert verdict_scores(shuffled, n_resamples=300, seed=0) == verdict_scores(verdicts, n_resamples=300, seed=0)

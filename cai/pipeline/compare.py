@@ -269,10 +269,14 @@ def verdict_scores(verdicts: list[dict], n_resamples: int, seed: int) -> dict[st
     where the canonical scorer's per-instruction fields are present, instruction-level and
     per-type accuracies (each type resampled over the clusters of the items carrying it)
     with their N and CI; and the artifact diagnostics the known fields allow (`None` where a
-    field is missing: truncation needs `stop_reason`, the rest `response`)."""
+    field is missing: truncation needs `stop_reason`, the rest `response`). Verdicts are put in
+    (eval set, key) order first: the bootstrap draws clusters and items by position, so without
+    it the same verdicts written in another order (resumed, sharded, batched differently) would
+    get other intervals."""
     from cai.pipeline.evaluate import _aggregate
     from cai.pipeline.stats import bootstrap_mean_ci
 
+    verdicts = sorted(verdicts, key=lambda v: (str(v.get("eval_set")), str(v.get("key"))))
     boot = {"n_resamples": n_resamples, "seed": seed}
     n = len(verdicts)
     clusters = [v["cluster"] for v in verdicts]
