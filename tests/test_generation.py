@@ -180,16 +180,21 @@ def test_rows_leave_the_batch_when_they_end(gen):
     assert torch.is_grad_enabled()
 
 
+def _assert_sampling_equals_the_loop(gen, prompts, *, seed, max_new_tokens):
+    """Seeded sampling of a batch equals each prompt sampled alone with its request's seed."""
+    sampled = gen.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.8, seed=seed, stop=["."])
+    alone = [gen.generate([p], max_new_tokens=max_new_tokens, temperature=0.8, seed=[s], stop=["."], batch_size=1)[0]
+             for p, s in zip(prompts, _seeds(seed, len(prompts)))]
+    assert sampled == alone
+
+
 def test_a_shorter_row_finishes_alone_and_the_rest_match_the_loop(gen):
     """Rows of different lengths in one batch: each equals its one-prompt run (greedy and
     seeded sampling), so dropping finished rows from the KV cache changes nothing."""
     batched = gen.generate(PROMPTS, max_new_tokens=20, stop=["\n"])
     single = [gen.generate([p], max_new_tokens=20, stop=["\n"], batch_size=1)[0] for p in PROMPTS]
     assert batched == single
-    sampled = gen.generate(PROMPTS, max_new_tokens=12, temperature=0.8, seed=3, stop=["."])
-    alone = [gen.generate([p], max_new_tokens=12, temperature=0.8, seed=[s], stop=["."], batch_size=1)[0]
-             for p, s in zip(PROMPTS, _seeds(3, len(PROMPTS)))]
-    assert sampled == alone
+    _assert_sampling_equals_the_loop(gen, PROMPTS, seed=3, max_new_tokens=12)
 
 
 @settings(max_examples=200, deadline=None)
@@ -204,7 +209,7 @@ def test_token_budget_batches_cover_order_within_budget(lengths, max_rows, max_t
         assert len(b) == 1 or len(b) * (max(lengths[i] for i in b) + max_new) <= max_tokens
 
 
-REFILL_PROMPTS = [formats.render("instruction_response", x) for x in (
+MIXED_PROMPTS = [formats.render("instruction_response", x) for x in (
     "Name a colour.",
     "Write two sentences about the sea, then stop.",
     "What is the capital of France? Answer in one word.",
@@ -226,19 +231,16 @@ def test_long_decodes_stream_each_result_and_equal_the_loop(gen):
     hook = gen.model.register_forward_pre_hook(
         lambda m, a, kw: layers.extend(type(x) for x in kw[gen._cache_arg].layers), with_kwargs=True)
     try:
-        greedy = gen.generate(REFILL_PROMPTS, max_new_tokens=80, on_result=lambda i, g: ended.append((i, g)))
+        greedy = gen.generate(MIXED_PROMPTS, max_new_tokens=80, on_result=lambda i, g: ended.append((i, g)))
     finally:
         hook.remove()
     assert layers and set(layers) == {spare_columns_layer()}
-    assert sorted(i for i, _ in ended) == list(range(len(REFILL_PROMPTS)))
+    assert sorted(i for i, _ in ended) == list(range(len(MIXED_PROMPTS)))
     assert [g for _, g in sorted(ended, key=lambda x: x[0])] == greedy
     assert any(g.n_new_tokens > 64 for g in greedy)
-    alone = [gen.generate([p], max_new_tokens=80, batch_size=1)[0] for p in REFILL_PROMPTS]
+    alone = [gen.generate([p], max_new_tokens=80, batch_size=1)[0] for p in MIXED_PROMPTS]
     assert greedy == alone
-    sampled = gen.generate(REFILL_PROMPTS, max_new_tokens=10, temperature=0.8, seed=5, stop=["."])
-    alone = [gen.generate([p], max_new_tokens=10, temperature=0.8, seed=[s], stop=["."], batch_size=1)[0]
-             for p, s in zip(REFILL_PROMPTS, _seeds(5, len(REFILL_PROMPTS)))]
-    assert sampled == alone
+    _assert_sampling_equals_the_loop(gen, MIXED_PROMPTS, seed=5, max_new_tokens=10)
 
 
 @settings(max_examples=100, deadline=None)
