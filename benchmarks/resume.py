@@ -3,9 +3,9 @@
 Runs a stage three times in child processes: uninterrupted; killed with SIGKILL once
 `--kill-after` batches are written; resumed. The stage is the instruction-candidates
 stage by default (the embedded model, sampled generation through `cai run`'s own stage
-runner) or, with `--stage eval`, evaluation-response generation (greedy, fixed batches). Each child prints one line per finished generate batch, so
+runner) or, with `--stage eval`, evaluation-response generation (greedy). Each child prints one line per decoded batch, so
 redone = (killed batches + resumed batches) - uninterrupted batches. Target <= 1 batch;
-the resumed artifact must equal the uninterrupted one record for record.
+the resumed artifact must equal the uninterrupted one record for record (by id).
 
     python -m benchmarks.resume
 """
@@ -30,7 +30,8 @@ EVAL_CONFIG = {"name": "resume-bench", "seed": 0, "model": {"source": "embedded"
 
 
 def child(out: str, config: dict, stage: str) -> None:
-    """Run the stage, printing `batch` after every generate call."""
+    """Run the stage, printing `batch` after every decoded batch (a `generate` call decodes one
+    or more: eval makes one call per suite and model)."""
     from cai.config import RunConfig
     from cai.invariants.artifacts import RecordIds
     from cai.pipeline.compare import generate_eval_responses, load_eval_set
@@ -39,14 +40,14 @@ def child(out: str, config: dict, stage: str) -> None:
     from cai.pipeline.runner import Run, run_stages
     from cai.pipeline.store import ArtifactWriter
 
-    original = HFGenerator.generate
+    original = HFGenerator._decode
 
     def counted(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         print("batch", flush=True)
         return result
 
-    HFGenerator.generate = counted
+    HFGenerator._decode = counted
     cfg = RunConfig.model_validate(config)
     if stage == "candidates":
         run_stages(Run(cfg, Path(out), resume=True), ["candidates"])
@@ -86,8 +87,10 @@ def measure(workdir: Path, config: dict = CONFIG, kill_after: int = 2, stage: st
     resumed_batches = sum(line.strip() == "batch" for line in resumed.stdout)
     assert resumed.wait() == 0, "resumed run failed"
 
-    a = list(read_artifact(workdir / "full" / stage).records())
-    b = list(read_artifact(workdir / "killed" / stage).records())
+    # record for record, by id: eval writes each batch as it ends, and a resumed call batches
+    # only what is left, so the order of the records (not their content) may differ
+    a = sorted(read_artifact(workdir / "full" / stage).records(), key=lambda r: r["id"])
+    b = sorted(read_artifact(workdir / "killed" / stage).records(), key=lambda r: r["id"])
     return {"uninterrupted_batches": full_batches, "killed_batches": killed_batches, "resumed_batches": resumed_batches,
             "redone_batches": killed_batches + resumed_batches - full_batches, "records": len(a),
             "identical": a == b, "killed_returncode": killed.returncode}
