@@ -420,7 +420,7 @@ def _gated_chosen_check_fails_on_damaged_records(recs):
     """`gated_chosen_passes_when_one_could` passes on the stage's real records and fails on each
     way one could be damaged: the chosen swapped for a failing candidate while another passes
     (with its flag set to match), a forged `chosen_passes`, the passing candidate hidden by
-    flagging it unusable, the candidates removed."""
+    flagging it unusable, the constraint fields removed, the candidates removed."""
     check = GatedChosenPasses()
     assert "gated_chosen_passes_when_one_could" in {i.name for i in data_invariants("sft")}
     assert check.check(RecordSet("sft", recs)).status == Status.PASS
@@ -435,6 +435,9 @@ def _gated_chosen_check_fails_on_damaged_records(recs):
     assert res.status == Status.FAIL and "re-scored True" in res.evidence, res.evidence
     hidden = dict(swapped, candidates=[dict(c, usable=c is failing) for c in rec["candidates"]])
     assert check.check(RecordSet("sft", [hidden])).status == Status.FAIL
+    stripped = {k: v for k, v in swapped.items() if k not in ("instruction_id_list", "kwargs", "type")}
+    res = check.check(RecordSet("sft", [stripped]))  # constraint fields removed: the check must not skip it
+    assert res.status == Status.FAIL and "carries no constraint" in res.evidence, res.evidence
     gone = {k: v for k, v in swapped.items() if k != "candidates"}
     res = check.check(RecordSet("sft", [gone]))
     assert res.status == Status.FAIL and "candidates are gone" in res.evidence

@@ -469,13 +469,15 @@ class GatedChosenPasses(Invariant):
             except BadInputError as err:  # a constraint that cannot be checked fails closed
                 bad.append(f"{record_id(rec, i)!r} (unverifiable: {err})")
                 continue
+            gate = rec.get("verifier")
             if constraint is None:
+                if gate is not None:  # the stage gated it: its constraint fields were removed since
+                    bad.append(f"{record_id(rec, i)!r} (gated by the stage, but carries no constraint now)")
                 continue
             gated += 1
             completion = str(rec.get("completion", ""))
             chosen = completion[len(COMPLETION_PREFIX):] if completion.startswith(COMPLETION_PREFIX) else completion
             passes = verifier_passes(constraint, chosen.strip())
-            gate = rec.get("verifier")
             if isinstance(gate, dict) and gate.get("chosen_passes") is not passes:
                 bad.append(f"{record_id(rec, i)!r} (records chosen_passes={gate.get('chosen_passes')!r}, "
                            f"re-scored {passes})")
