@@ -23,6 +23,10 @@ Greedy outputs of every batched run must equal the loop's on the prompts the loo
 Steady decode: seconds per decode step with R rows alive throughout (R = 1 ... 256, the
 prompts repeated, after the prefill), the cost of a batch kept full: the most a batch of R
 rows can reach (a workload also pays its prefill, and the tail a batch decodes as its rows end).
+Beside it, the model's linear layers alone on R rows (`linears_only`): what a decode step
+costs before attention, norms and sampling, the ceiling of any engine on these kernels.
+
+`python -m benchmarks.compile_options` measures transformers' compile and static-cache options.
 
     python -m benchmarks.generation [--repeats 2] [--prompts N]
 """
@@ -72,30 +76,56 @@ def flops_per_token(model, mean_context: float) -> float:
     return 2 * matmul_params + attention
 
 
-def steady_step_seconds(gen, prompts: list[str], rows: int, steps: int = STEADY_STEPS) -> float:
-    """Seconds per greedy decode step of `gen`'s model with `rows` rows alive for all `steps`
-    steps (no row ends), after the prefill, through the same forward call as `HFGenerator`."""
+def steady_decode(gen, prompts: list[str], rows: int, steps: int = STEADY_STEPS, forward=None,
+                  warmup: int = 0) -> tuple[float, list[list[int]]]:
+    """(seconds per greedy decode step, the tokens chosen) of `gen`'s model with `rows` rows alive
+    for all `steps` steps (no row ends), after the prefill and `warmup` untimed steps, through the
+    same forward call as `HFGenerator` (or `forward`, e.g. a compiled one: torch.compile refuses
+    inference tensors, so every run here is under `no_grad`)."""
     import time
 
     import torch
 
     from cai.pipeline import generation
 
+    forward = gen.model if forward is None else forward
     input_ids, mask = gen._tensors([prompts[i % len(prompts)] for i in range(rows)])
     positions = gen._position_ids(mask)
-    with torch.inference_mode():
+    tokens = []
+    with torch.no_grad():
         cache = generation._decode_cache()
         out = gen.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         logits_to_keep=1, **{gen._cache_arg: cache})
         position = positions[:, -1:] + 1
-        started = time.perf_counter()
-        for _ in range(steps):
+        for step in range(warmup + steps):
+            if step == warmup:
+                started = time.perf_counter()
             token = out.logits[:, -1, :].argmax(dim=-1, keepdim=True)
+            tokens.append(token[:, 0].tolist())
             mask = torch.cat([mask, mask.new_ones((rows, 1))], dim=-1)
-            out = gen.model(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True,
-                            logits_to_keep=1, **{gen._cache_arg: cache})
+            out = forward(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True,
+                          logits_to_keep=1, **{gen._cache_arg: cache})
             position = position + 1
-        return (time.perf_counter() - started) / steps
+        return (time.perf_counter() - started) / steps, tokens
+
+
+def linears_only_seconds(model, rows: int, repeats: int = 4) -> float:
+    """Seconds for every linear layer of `model` (the LM head included) applied once to `rows`
+    rows, weights streamed in layer order as in a decode step: the matmul part of a step."""
+    import time
+
+    import torch
+
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(rows, m.in_features) for m in linears]
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            started = time.perf_counter()
+            for m, x in zip(linears, inputs):
+                m(x)
+            best = min(best, time.perf_counter() - started)
+    return best
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -173,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
         t, hf_tokens = timed(hf_generate)
         engines[f"transformers generate ({default_batch} rows)"] = {"batch": default_batch, "prompts": len(prompts),
                                                                     "seconds": t["seconds"], "tokens": hf_tokens}
-        steady = {rows: steady_step_seconds(gen, prompts, rows) for rows in STEADY_ROWS}
+        steady = {rows: steady_decode(gen, prompts, rows)[0] for rows in STEADY_ROWS}
+        linears = {rows: linears_only_seconds(slot.model, rows) for rows in STEADY_ROWS}
         mean_prompt = sum(len(ids) for ids in encode_batch(slot.tokenizer, prompts)["input_ids"]) / len(prompts)
         mean_new = engines["cai batch 64"]["tokens"] / len(prompts)
         per_token = flops_per_token(slot.model, mean_prompt + mean_new / 2)
@@ -185,9 +216,15 @@ def main(argv: list[str] | None = None) -> dict:
     for name, e in engines.items():
         rate = e["tokens"] / e["seconds"]
         rows[name] = {**e, "seconds": round(e["seconds"], 2), "tokens_per_s": round(rate, 1),
-                      "fraction_of_limit": round(rate / limit, 3), "x_loop": round(rate / loop_rate, 2)}
+                      "fraction_of_limit": round(rate / limit, 3), "x_loop": round(rate / loop_rate, 2),
+                      # the prompts' forward work counted as well (model FLOPs utilisation): not the headline
+                      "fraction_counting_prompt_tokens": round((e["tokens"] + mean_prompt * e["prompts"])
+                                                               / e["seconds"] / limit, 3)}
     steady_rows = {f"{r} rows": {"seconds_per_step": round(t, 4), "tokens_per_s": round(r / t, 1),
-                                 "fraction_of_limit": round(r / t / limit, 3)} for r, t in steady.items()}
+                                 "fraction_of_limit": round(r / t / limit, 3),
+                                 "linears_only_seconds": round(linears[r], 4),
+                                 "linears_only_fraction_of_limit": round(r / linears[r] / limit, 3)}
+                   for r, t in steady.items()}
     default_name = next(n for n in rows if n.startswith("cai default"))
     identical = {name: [out[i] for i in loop_index] == outputs["cai batch 1 (loop)"] if len(out) == len(prompts)
                  else out == outputs["cai batch 1 (loop)"] for name, out in outputs.items()}
