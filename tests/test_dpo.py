@@ -81,6 +81,8 @@ def test_outputs_hold_only_the_trained_adapter(trained, sft_adapter):
     tc = r["trainer_config"]
     assert tc["trainer"] == "trl.DPOTrainer" and tc["beta"] == 0.1 and tc["precompute_ref_log_probs"] is True
     assert tc["loss_type"] == ["sigmoid"] and tc["sft_adapter"].endswith("adapter")
+    want = training.configured_trainer_settings(run_config(dpo={"precompute_ref_log_probs": True}), "dpo", 32, 1)
+    assert {k: tc[k] for k in want} == want  # what verification expects
     assert r["stage"] == "dpo" and r["steps"] == 6 and r["records"] == 32
     assert (out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((out / "training.json").read_text())["adapter_dir"] == str(adapter)

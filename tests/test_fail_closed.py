@@ -211,6 +211,17 @@ def rehash_config(edit: Callable[[dict], None]):
     return damage
 
 
+def edit_trainer_settings(stage: str, edit: Callable[[dict], None]):
+    """Edit what the trainer recorded it ran with (training.json), then re-seal."""
+    def damage(run: Path) -> None:
+        path = run / stage / "training.json"
+        summary = json.loads(path.read_text())
+        edit(summary["trainer_config"])
+        write_json_atomic(path, summary)
+        reseal(run, stage)
+    return damage
+
+
 def linked_copy(stage: str, edit: Callable[[dict], None]):
     """Replace a (terminal) stage directory by a symbolic link to an edited copy outside the
     run whose own hashes are fixed."""
@@ -257,6 +268,21 @@ def rotate_completions(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def bypass_the_verifier(rows: list[dict]) -> list[dict]:
+    """A quality gate that scored but did not select: record 0 gets a verifiable constraint
+    (the whole response in double quotes) its chosen completion fails, while another usable
+    candidate, now quoted, passes; its verifier block says so, as such a stage would write."""
+    from cai.pipeline.formats import COMPLETION_PREFIX
+
+    r = rows[0]
+    chosen = r["completion"][len(COMPLETION_PREFIX):]
+    other = next(k for k in range(len(r["candidates"])) if k != r["chosen_index"])
+    r["candidates"][other].update(text=f'"{chosen.strip()}"', stop_reason="eos", usable=True, unusable_reason=None)
+    constraint = {"instruction_id_list": ["startend:quotation"], "kwargs": [{}]}
+    r.update(constraint, verifier={**constraint, "source": "record", "chosen_passes": False, "passing_candidates": 1})
+    return rows
+
+
 def easier_eval_items(rows: list[dict]) -> list[dict]:
     from cai.pipeline.formats import render
 
@@ -300,6 +326,11 @@ DAMAGES = [
      edit_records("responses", first_record("completion", lambda r: r["completion"] + " [INST] more [/INST]")),
      "responses/no_chat_markers"),
     ("eval-response-lost-resealed", edit_records("eval", drop_eval_record_of("sft")), "eval/eval_coverage"),
+    ("eval-cap-relabelled-and-rehashed", rehash_config(lambda c: c["eval"].update(max_new_tokens=48)),
+     "eval/eval_decoding_as_configured"),
+    ("eval-response-not-cut-at-its-stop-resealed",
+     edit_records("eval", first_record("response", lambda r: r["response"] + "\nInstruction: and another")),
+     "eval/eval_decoding_as_configured"),
     ("eval-prompt-changed-resealed",
      edit_records("eval", first_record("prompt", lambda r: r["prompt"].replace("Instruction:", "Instruction :"))),
      "eval/prompt_format_parity"),
@@ -315,6 +346,11 @@ DAMAGES = [
     ("config-relabelled-and-rehashed", rehash_config(lambda c: c["model"].update(source="tiny-random")),
      "model_as_configured"),
     ("lora-rank-relabelled-and-rehashed", rehash_config(lambda c: c["sft"]["lora"].update(r=64)), "sft/training_outputs"),
+    ("learning-rate-relabelled-and-rehashed", rehash_config(lambda c: c["sft"].update(learning_rate=1e-3)),
+     "sft/training_outputs"),
+    ("dpo-beta-relabelled-and-rehashed", rehash_config(lambda c: c["dpo"].update(beta=0.3)), "dpo/training_outputs"),
+    ("trainer-reference-mode-edited-resealed",
+     edit_trainer_settings("dpo", lambda t: t.update(precompute_ref_log_probs=True)), "dpo/training_outputs"),
     ("templates-relabelled-and-rehashed", rehash_config(lambda c: c["instructions"].update(source="templates")),
      "instructions/instruction_records"),
     ("stage-replaced-by-a-link-to-an-edited-copy",
@@ -331,6 +367,8 @@ DAMAGES = [
      "responses/records_match_inputs"),
     ("completions-moved-between-instructions-resealed", edit_records("responses", rotate_completions),
      "pairs/records_match_inputs"),
+    ("verifier-gate-not-applied-resealed", edit_records("responses", bypass_the_verifier),
+     "responses/gated_chosen_passes_when_one_could"),
     ("duplicate-sft-record-resealed", edit_records("responses", lambda rows: rows + rows[:1]), "responses/record_schema"),
 ]
 

@@ -17,6 +17,7 @@ from cai.config import ModelConfig, RunConfig
 from cai.errors import ArtifactError, BadInputError
 from cai.pipeline import formats
 from cai.pipeline.models import ModelSlot, encode
+from cai.pipeline.training import configured_trainer_settings
 
 FORMAT = "instruction_response"
 
@@ -157,6 +158,8 @@ def test_outputs_and_manifest_fields(trained):
     assert (tc["learning_rate"], tc["batch_size"], tc["grad_accum"], tc["max_length"], tc["max_steps"]) == (1e-3, 4, 1, 64, 8)
     assert tc["eos_token"] == "<|im_end|>" and tc["completion_only_loss"] is True
     assert tc["gradient_checkpointing"] is False  # the CPU default: memory is not what a CPU run lacks
+    want = configured_trainer_settings(run_config(sft={"merge": True}), "sft", 64, 1)  # what verification expects
+    assert {k: tc[k] for k in want} == want
     assert all(r["versions"][k] for k in ("trl", "peft", "transformers", "torch"))
     assert r["timings"]["seconds_per_step"] > 0 and r["timings"]["wall_seconds"] >= r["timings"]["train_seconds"]
     assert r["memory"]["peak_rss_mb_sampled"] > 0

@@ -61,9 +61,64 @@ def test_training_outputs(tmp_path):
     assert status(TrainingOutputs(2), [], dir=tmp_path, listed_files=listed) == Status.FAIL
 
 
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_training_outputs_compare_the_trainers_settings_with_the_config(tmp_path, stage):
+    """What the trainer read back (training.json) must be what the config resolves to; a
+    setting the trainer did not get, a relabelled config or an unhashed summary fails."""
+    from cai.pipeline.training import configured_trainer_settings
+
+    cfg = RunConfig.model_validate({"name": "t", "model": {"source": "tiny-random"}, "dpo": {"max_steps": 2}})
+    (tmp_path / "adapter").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (tmp_path / "adapter" / name).write_text("{}")
+    listed = {"adapter/adapter_config.json": {}, "adapter/adapter_model.safetensors": {}, "training.json": {}}
+    curve = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    trainer = dict(configured_trainer_settings(cfg, stage, 16, 1), world_size=1, optimizer="adamw_torch_fused")
+
+    def outcome(settings, files=listed):
+        (tmp_path / "training.json").write_text(json.dumps({"records": 16, "trainer_config": settings}))
+        inv = TrainingOutputs(getattr(cfg, stage).max_steps, None, cfg=cfg, stage=stage)
+        return status(inv, curve, dir=tmp_path, listed_files=files)
+
+    max_steps = getattr(cfg, stage).max_steps
+    if max_steps > 0:
+        curve = [{"step": k, "loss": 1.0} for k in range(1, max_steps + 1)]
+    assert outcome(trainer) == Status.PASS
+    assert outcome({**trainer, "learning_rate": trainer["learning_rate"] * 10}) == Status.FAIL
+    assert outcome({**trainer, "gradient_checkpointing": 1}) == Status.FAIL  # 1 == True, but not a bool
+    assert outcome({**trainer, "batch_size": 1}) == Status.FAIL
+    assert outcome({k: v for k, v in trainer.items() if k != "seed"}) == Status.FAIL
+    assert outcome(trainer, files={k: v for k, v in listed.items() if k != "training.json"}) == Status.FAIL
+    (tmp_path / "training.json").write_text("{not json")
+    inv = TrainingOutputs(max_steps, None, cfg=cfg, stage=stage)
+    assert status(inv, curve, dir=tmp_path, listed_files=listed) == Status.FAIL
+    if stage == "dpo":
+        assert outcome({**trainer, "beta": 0.3}) == Status.FAIL
+        assert outcome({**trainer, "precompute_ref_log_probs": not trainer["precompute_ref_log_probs"]}) == Status.FAIL
+        assert outcome({**trainer, "loss_type": ["ipo"]}) == Status.FAIL
+
+
 def eval_records(models=("base", "sft"), keys=(1, 2)):
     return [{"id": f"primary/{m}/{k}", "suite": "primary", "model": m, "eval_set": "stage1", "key": k,
              "response": "ok"} for m in models for k in keys]
+
+
+def test_eval_decoding_as_configured_fails_on_another_cap_or_uncut_stops():
+    from cai.invariants.artifacts import EvalDecodingAsConfigured
+    from cai.pipeline.compare import generation_settings
+
+    cfg = RunConfig.model_validate({"name": "t", "model": {"source": "tiny-random"}, "eval": {"max_new_tokens": 8}})
+    inv = EvalDecodingAsConfigured({s: generation_settings(cfg, s) for s in cfg.eval.suites})
+    stop = generation_settings(cfg, "primary")["stop"][0]
+    rows = [{"id": "a", "suite": "primary", "response": "One.", "stop_reason": "eos", "n_new_tokens": 3},
+            {"id": "b", "suite": "primary", "response": "Two two two", "stop_reason": "length", "n_new_tokens": 8},
+            {"id": "c", "suite": "primary", "response": "Three", "stop_reason": "stop", "n_new_tokens": 8},
+            {"id": "d", "suite": "raw_probe", "response": f"Four{stop}", "stop_reason": "eos", "n_new_tokens": 2}]
+    assert status(inv, rows) == Status.PASS  # raw_probe stops at a blank line only
+    for damaged in ({"n_new_tokens": 9}, {"n_new_tokens": 5, "stop_reason": "length"},
+                    {"n_new_tokens": 8, "stop_reason": "eos"}, {"response": f"One.{stop} Two."},
+                    {"stop_reason": "max"}, {"n_new_tokens": True}, {"n_new_tokens": None}):
+        assert status(inv, [{**rows[0], **damaged}] + rows[1:]) == Status.FAIL, damaged
 
 
 def test_eval_coverage_needs_every_model_on_every_item_once():

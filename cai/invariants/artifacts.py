@@ -131,14 +131,43 @@ class CriticSelected(Invariant):
 
 
 class TrainingOutputs(Invariant):
-    """Prevents a training artifact without a trained adapter or with a broken loss curve
-    from counting: the adapter's config and weights are listed outputs, the loss curve has
-    one finite loss per logged step, steps increase, and it reaches `max_steps` when set."""
+    """Prevents a training artifact without a trained adapter, with a broken loss curve, or
+    trained otherwise than configured from counting: the adapter's config and weights are
+    listed outputs, the loss curve has one finite loss per logged step, steps increase, and
+    it reaches `max_steps` when set; given the run's config, the saved adapter is the one it
+    asks for and the trainer's own settings read back into training.json (learning rate,
+    batch, length, seed, checkpointing, DPO beta and reference mode, ...) are the ones it
+    resolves to (`training.configured_trainer_settings`)."""
 
     name = "training_outputs"
 
-    def __init__(self, max_steps: int, lora=None):
-        self.max_steps, self.lora = max_steps, lora
+    def __init__(self, max_steps: int, lora=None, *, cfg=None, stage: str | None = None):
+        self.max_steps, self.lora, self.cfg, self.stage = max_steps, lora, cfg, stage
+
+    @classmethod
+    def for_stage(cls, stage: str, cfg) -> "TrainingOutputs":
+        section = getattr(cfg, stage)
+        return cls(section.max_steps, section.lora, cfg=cfg, stage=stage)
+
+    def _trainer_problems(self, directory: Path, listed: dict[str, Any]) -> list[str]:
+        """training.json's `trainer_config` against the settings the config resolves to."""
+        import json
+
+        from cai.pipeline.training import SUMMARY_JSON, configured_trainer_settings
+
+        if SUMMARY_JSON not in listed:
+            return [f"{SUMMARY_JSON} not among the artifact's hashed outputs"]
+        try:
+            summary = json.loads((directory / SUMMARY_JSON).read_text())
+            recorded = summary["trainer_config"]
+            n_records, world_size = summary["records"], recorded["world_size"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return [f"{SUMMARY_JSON} unreadable or without the trainer's settings ({type(err).__name__}: {err})"]
+        if not (isinstance(n_records, int) and isinstance(world_size, int) and world_size > 0):
+            return [f"{SUMMARY_JSON}: records {n_records!r} and world_size {world_size!r} must be counts"]
+        want = configured_trainer_settings(self.cfg, self.stage, n_records, world_size)
+        return [f"the trainer ran with {k} = {recorded.get(k)!r}, the config resolves to {v!r}"
+                for k, v in want.items() if recorded.get(k) != v or type(recorded.get(k)) is not type(v)]
 
     def _adapter_problems(self, directory: Path) -> list[str]:
         """The saved adapter is the one the config asks for (rank, alpha, target modules)."""
@@ -161,6 +190,8 @@ class TrainingOutputs(Invariant):
             problems += missing
             if not missing and self.lora is not None:
                 problems += self._adapter_problems(subject.dir)
+            if self.cfg is not None:
+                problems += self._trainer_problems(subject.dir, subject.listed_files)
         steps = [r.get("step") for r in subject.records]
         losses = [r.get("loss") for r in subject.records]
         if not subject.records:
@@ -173,7 +204,9 @@ class TrainingOutputs(Invariant):
             problems.append(f"the curve ends at step {steps[-1]}, config max_steps is {self.max_steps}")
         if problems:
             return False, f"{subject.stage}: " + "; ".join(problems)
-        return True, f"{subject.stage}: adapter listed and present, {len(steps)} logged step(s) to step {steps[-1]}"
+        trained = ", trained as configured" if self.cfg is not None and subject.dir is not None else ""
+        return True, (f"{subject.stage}: adapter listed and present{trained}, {len(steps)} logged step(s) to "
+                      f"step {steps[-1]}")
 
 
 class EvalCoverage(Invariant):
@@ -210,6 +243,39 @@ class EvalCoverage(Invariant):
             return False, f"eval responses do not cover the configured items exactly: {'; '.join(problems)}"
         return True, (f"{len(want)} response(s): {len(self.suite_models)} suite(s) x their models x "
                       f"{sum(len(k) for k in self.expected_keys.values())} item(s), each once")
+
+
+class EvalDecodingAsConfigured(Invariant):
+    """Prevents a comparison of responses decoded otherwise than configured (one model cut at
+    64 new tokens and another at 256, a suite run without its format's stop strings, a
+    config edited after the run): every eval record's `n_new_tokens` is within its suite's
+    `max_new_tokens`, a row that ended for length has exactly that many, an EOS row fewer,
+    and no response still holds one of the suite's stop strings (generation cuts before the
+    first). Greedy against sampled decoding does not show in the records: it is not checked."""
+
+    name = "eval_decoding_as_configured"
+
+    def __init__(self, settings: dict[str, dict[str, Any]]):
+        self.settings = settings  # suite -> compare.generation_settings(cfg, suite)
+
+    def _check(self, subject: StageRecords):
+        bad = []
+        for r in subject.records:
+            rid, settings = r.get("id"), self.settings.get(r.get("suite"))
+            if settings is None:
+                continue  # a suite the config does not run: eval_coverage reports it
+            cap, n, reason = settings["max_new_tokens"], r.get("n_new_tokens"), r.get("stop_reason")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0 or reason not in ("stop", "eos", "length"):
+                bad.append(f"{rid!r}: n_new_tokens {n!r} / stop_reason {reason!r} are not a decoding record")
+            elif n > cap or (reason == "length" and n != cap) or (reason == "eos" and n >= cap):
+                bad.append(f"{rid!r}: {n} new token(s) ending by {reason}, max_new_tokens is {cap}")
+            elif isinstance(r.get("response"), str) and any(s and s in r["response"] for s in settings["stop"]):
+                bad.append(f"{rid!r}: the response holds a stop string of its suite ({settings['stop']!r})")
+        if bad:
+            return False, _first(bad, len(subject.records), "were not decoded as configured")
+        caps = sorted({s["max_new_tokens"] for s in self.settings.values()})
+        return True, (f"{len(subject.records)} response(s) within max_new_tokens {'/'.join(map(str, caps))}, "
+                      "cut at their suite's stop strings")
 
 
 class RecordsMatchInputs(Invariant):
@@ -301,11 +367,14 @@ def stage_results(stage: str, records: list[dict[str, Any]], cfg, directory: Pat
         return evaluate([InstructionRecords(cfg.instructions.source), InstructionCount(cfg.instructions.n),
                          CriticSelected(cfg.critic.enabled, cfg.critic.threshold)], subject)
     if kind == "training":
-        return evaluate([TrainingOutputs(getattr(cfg, stage).max_steps, getattr(cfg, stage).lora)], subject)
+        return evaluate([TrainingOutputs.for_stage(stage, cfg)], subject)
     if kind == "eval_responses":
         suites = {s: SUITE_MODELS[s] for s in cfg.eval.suites}
+        from cai.pipeline.compare import generation_settings
+
+        decoding = EvalDecodingAsConfigured({s: generation_settings(cfg, s) for s in cfg.eval.suites})
         return (evaluate(eval_response_invariants(cfg.eval.format or cfg.format), subject.records)
-                + evaluate([EvalCoverage(expected_eval_keys(cfg), suites)], subject))
+                + evaluate([EvalCoverage(expected_eval_keys(cfg), suites), decoding], subject))
     sets = {name: load_eval_set(name) for name in cfg.eval.sets}
     # Template instances differ in one slot by design (labelled `source: templates`, never the
     # methodology): their near-duplicates are reported, not gated; exact duplicates still are.

@@ -211,6 +211,30 @@ def trainer_config_record(cfg: RunConfig, section: TrainConfig, trainer, **extra
     return record
 
 
+def configured_trainer_settings(cfg: RunConfig, stage: str, n_records: int, world_size: int) -> dict[str, Any]:
+    """What `trainer_config_record` must read back from the `stage` trainer, derived from the
+    config alone through the resolutions the trainer was built with (`trainer_args`,
+    `gradient_checkpointing`, DPO's `precompute_reference`): a run whose trainer got other
+    values than its config (a setting not wired through, a config edited afterwards) differs."""
+    section = getattr(cfg, stage)
+    dtype = cfg.model.dtype
+    want: dict[str, Any] = {
+        "format": cfg.format, "lora": section.lora.model_dump(), "quantization": cfg.model.quantization,
+        "dtype": dtype, "precision": {"bfloat16": "bf16", "float16": "fp16"}.get(dtype, "fp32"),
+        "learning_rate": section.learning_rate, "epochs": section.epochs, "max_steps": section.max_steps,
+        "batch_size": section.batch_size, "grad_accum": section.grad_accum,
+        "effective_batch_size": section.batch_size * section.grad_accum * world_size,
+        "max_length": section.max_length, "save_steps": section.save_steps, "seed": cfg.seed,
+        "gradient_checkpointing": gradient_checkpointing(cfg, section), "merge": section.merge,
+    }
+    if stage == "dpo":
+        from cai.pipeline.dpo import precompute_reference
+
+        want.update(beta=section.beta, precompute_ref_log_probs=precompute_reference(section, n_records, world_size),
+                    loss_type=["sigmoid"])  # the DPO loss; TRL's other losses (IPO, hinge, ...) are other methods
+    return want
+
+
 def _quantization_record(cfg: RunConfig) -> dict[str, Any] | None:
     q = cfg.model.quantization
     if q == "none":
