@@ -356,7 +356,7 @@ def stage_results(stage: str, records: list[dict[str, Any]], cfg, directory: Pat
     """Every content invariant of `stage`'s artifact, evaluated on its records. `cfg` is the
     run's config (the checks depend on it: counts, thresholds, formats, eval items)."""
     from cai.invariants.data import RecordSet, data_invariants, eval_response_invariants
-    from cai.pipeline.compare import SUITE_MODELS, load_eval_set
+    from cai.pipeline.compare import SUITE_MODELS, generation_settings, load_eval_set
     from cai.pipeline.stages import RECORD_KIND
 
     subject = StageRecords(stage, list(records), Path(directory) if directory else None, dict(listed_files or {}))
@@ -370,8 +370,6 @@ def stage_results(stage: str, records: list[dict[str, Any]], cfg, directory: Pat
         return evaluate([TrainingOutputs.for_stage(stage, cfg)], subject)
     if kind == "eval_responses":
         suites = {s: SUITE_MODELS[s] for s in cfg.eval.suites}
-        from cai.pipeline.compare import generation_settings
-
         decoding = EvalDecodingAsConfigured({s: generation_settings(cfg, s) for s in cfg.eval.suites})
         return (evaluate(eval_response_invariants(cfg.eval.format or cfg.format), subject.records)
                 + evaluate([EvalCoverage(expected_eval_keys(cfg), suites), decoding], subject))
